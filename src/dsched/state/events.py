@@ -1,0 +1,215 @@
+"""Stimuli: everything that can happen to the scheduler's task state.
+
+Each event is a frozen, slotted record built by the reactor from one peer message (or from a
+policy decision) and handed to ``SchedulerState.handle(event, now)``. Events carry Dask keys
+and addresses as they came off the wire; payloads (run_specs, exceptions, result types) are
+opaque objects the state machine stores and forwards but never looks into.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsched.policy.protocol import Decision
+
+Key = Any  # str | bytes | int | float | tuple[Key, ...], hashable
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """One task of a received graph, after intake (materialized, culled, run_spec pickled)."""
+
+    key: Key
+    dependencies: tuple[Key, ...]
+    run_spec: object  # opaque; sent to workers as compute-task.run_spec
+    annotations: Mapping[str, Any]
+
+
+# ----------------------------------------------------------------------------- clients
+@dataclass(frozen=True, slots=True)
+class ClientConnected:
+    client: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientDisconnected:
+    client: str
+
+
+@dataclass(frozen=True, slots=True)
+class GraphReceived:
+    client: str
+    tasks: Sequence[NewTask]
+    keys: Sequence[Key]  # what the client holds futures for
+    order: Mapping[Key, int]  # internal priority
+    # Global user priority (the ``priority`` annotation of the whole call).
+    user_priority: float = 0
+    fifo_timeout: float = 0.1
+    submitting_task: Key | None = None
+    stimulus_id: str = "update-graph"
+
+
+@dataclass(frozen=True, slots=True)
+class GraphFailed:
+    """The graph could not be unpickled or materialized: every requested key errs."""
+
+    client: str
+    keys: Sequence[Key]
+    exception: object
+    traceback: object
+
+
+@dataclass(frozen=True, slots=True)
+class ClientDesiresKeys:
+    client: str
+    keys: Sequence[Key]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientReleasesKeys:
+    client: str
+    keys: Sequence[Key]
+
+
+@dataclass(frozen=True, slots=True)
+class CancelKeys:
+    client: str
+    keys: Sequence[Key]
+    force: bool = False
+    reason: str | None = None
+    msg: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReportKey:
+    client: str
+    key: Key
+
+
+@dataclass(frozen=True, slots=True)
+class DataPlaced:
+    """Data put on workers from outside (``scatter`` / ``update_data``), wanted by a client."""
+
+    client: str
+    who_has: Mapping[Key, Sequence[str]]
+    nbytes: Mapping[Key, int]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryKeys:
+    client: str
+    keys: Sequence[Key]
+
+
+# ----------------------------------------------------------------------------- workers
+@dataclass(frozen=True, slots=True)
+class WorkerConnected:
+    address: str
+    nthreads: int
+    name: Any = None
+    memory_limit: int | None = None
+    resources: Mapping[str, float] = field(default_factory=dict)
+    status: str = "running"
+    # Everything else the worker told us at registration; reported by ``identity``.
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerDisconnected:
+    address: str
+    # An expected loss (retire, close) does not count against the tasks it was running.
+    expected: bool = False
+    stimulus_id: str = "worker-removed"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatusChanged:
+    address: str
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFinished:
+    worker: str
+    key: Key
+    run_id: int | None
+    nbytes: int
+    type: object = None  # pickled class bytes, forwarded to clients as key-in-memory.type
+    duration: float | None = None
+    stimulus_id: str = "task-finished"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskErred:
+    worker: str
+    key: Key
+    run_id: int | None
+    exception: object
+    traceback: object
+    exception_text: str = ""
+    traceback_text: str = ""
+    stimulus_id: str = "task-erred"
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseWorkerData:
+    worker: str
+    key: Key
+
+
+@dataclass(frozen=True, slots=True)
+class AddKeys:
+    worker: str
+    keys: Sequence[Key]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRefreshWhoHas:
+    worker: str
+    keys: Sequence[Key]
+
+
+@dataclass(frozen=True, slots=True)
+class LongRunning:
+    worker: str
+    key: Key
+    run_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reschedule:
+    worker: str
+    key: Key
+
+
+# ----------------------------------------------------------------------------- policy
+@dataclass(frozen=True, slots=True)
+class PolicyDecisions:
+    decisions: Sequence[Decision]
+
+
+Event = (
+    ClientConnected
+    | ClientDisconnected
+    | GraphReceived
+    | GraphFailed
+    | ClientDesiresKeys
+    | ClientReleasesKeys
+    | CancelKeys
+    | ReportKey
+    | DataPlaced
+    | RetryKeys
+    | WorkerConnected
+    | WorkerDisconnected
+    | WorkerStatusChanged
+    | TaskFinished
+    | TaskErred
+    | ReleaseWorkerData
+    | AddKeys
+    | RequestRefreshWhoHas
+    | LongRunning
+    | Reschedule
+    | PolicyDecisions
+)

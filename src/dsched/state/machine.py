@@ -1,0 +1,1075 @@
+"""The scheduler's task state machine.
+
+Theory of operation
+-------------------
+``SchedulerState.handle(event, now) -> Outbox`` is the only entry point. An event (a peer's
+message, or the policy's decisions) changes the records below and appends to the outbox the
+messages that follow from it. Nothing here reads a clock, does I/O or logs: time comes in as
+``now``, log lines go out in the outbox.
+
+Records: a ``TaskState`` per key, a ``WorkerState`` per worker address, a ``ClientState`` per
+client id (pseudo-clients such as ``fire-and-forget`` are created on first use).
+
+Task states::
+
+    released --> waiting --> ready --> processing --> memory
+        ^           |          |  \\         |            |
+        |           |          |   no-worker |            |
+        +-----------+----------+------------+------------+--> released --> forgotten
+    waiting / ready / no-worker / processing / released --> erred --> released | forgotten
+
+* ``waiting``: needed, some input not in memory (``waiting_on``).
+* ``ready``: every input in memory; offered to the policy (``TaskReady``).
+* ``no-worker``: the policy found no running worker that may run it; offered again when a
+  worker starts running.
+* ``processing``: sent to a worker with a fresh ``run_id``; only a result carrying that
+  ``run_id`` from that worker counts.
+
+Interest (reference counting): a task is *needed* while a client wants it (``who_wants``)
+or a dependent in waiting/ready/no-worker/processing needs it (``waiters``). A task that is
+not needed is released (its data freed on every holder at once); a task that is not needed
+and has no dependents left is forgotten. Released tasks keep their run_spec so lost data can
+be recomputed.
+
+Transitions are driven by *recommendations* ``{task: target}`` processed until none are
+left. A recommendation is a request, re-checked when it is carried out: a task recommended
+for release that has become needed again stays. Pairs not in the table route through
+``released``, whose settling step decides what comes next (wait again if still needed,
+forget if nothing refers to it).
+
+``validate()`` checks every invariant; tests call it after every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from dsched.policy import protocol as policy
+from dsched.state import events as ev
+from dsched.state.outbox import Outbox
+
+Key = Any
+
+RELEASED = "released"
+WAITING = "waiting"
+READY = "ready"
+NO_WORKER = "no-worker"
+PROCESSING = "processing"
+MEMORY = "memory"
+ERRED = "erred"
+FORGOTTEN = "forgotten"
+
+# States in which a task needs its inputs (it is one of their ``waiters``).
+ACTIVE = frozenset({WAITING, READY, NO_WORKER, PROCESSING})
+# States that expect every input in memory.
+RUNNABLE = frozenset({READY, NO_WORKER, PROCESSING})
+
+FIRE_AND_FORGET = "fire-and-forget"
+
+
+class InvalidTransition(Exception):
+    """A bug in the state machine: a transition was asked for that has no meaning."""
+
+
+class TaskState:
+    __slots__ = (
+        "annotations",
+        "dependencies",
+        "dependents",
+        "erred_on",
+        "exception",
+        "exception_blame",
+        "exception_text",
+        "id",
+        "key",
+        "long_running",
+        "loose_restrictions",
+        "nbytes",
+        "priority",
+        "processing_on",
+        "resource_restrictions",
+        "retries",
+        "run_id",
+        "run_spec",
+        "state",
+        "suspicious",
+        "traceback",
+        "type",
+        "waiters",
+        "waiting_on",
+        "who_has",
+        "who_wants",
+        "worker_restrictions",
+    )
+
+    def __init__(self, key: Key, task_id: int, run_spec: object, annotations: Any) -> None:
+        self.key = key
+        self.id = task_id
+        self.run_spec = run_spec  # None for data placed by scatter: cannot be recomputed
+        self.annotations = annotations
+        self.state = RELEASED
+        self.dependencies: set[TaskState] = set()
+        self.dependents: set[TaskState] = set()
+        self.waiting_on: set[TaskState] = set()
+        self.waiters: set[TaskState] = set()
+        self.who_wants: set[ClientState] = set()
+        self.who_has: set[WorkerState] = set()
+        self.processing_on: WorkerState | None = None
+        self.long_running = False
+        self.run_id: int | None = None
+        self.priority: tuple[float, ...] = (0, 0, 0)
+        self.nbytes = 0
+        self.type: object = None
+        self.retries = 0
+        self.suspicious = 0
+        self.exception: object = None
+        self.traceback: object = None
+        self.exception_text = ""
+        self.exception_blame: TaskState | None = None
+        self.erred_on: set[str] = set()
+        self.worker_restrictions: frozenset[str] | None = None
+        self.loose_restrictions = False
+        self.resource_restrictions: dict[str, float] | None = None
+
+    def __repr__(self) -> str:
+        return f"<TaskState {self.key!r} {self.state}>"
+
+
+class WorkerState:
+    __slots__ = (
+        "address",
+        "has_what",
+        "host",
+        "id",
+        "info",
+        "memory_limit",
+        "name",
+        "nthreads",
+        "processing",
+        "resources",
+        "status",
+    )
+
+    def __init__(self, worker_id: int, event: ev.WorkerConnected) -> None:
+        self.id = worker_id
+        self.address = event.address
+        self.host = host_of(event.address)
+        self.name = event.name if event.name is not None else event.address
+        self.nthreads = event.nthreads
+        self.memory_limit = event.memory_limit
+        self.resources = dict(event.resources)
+        self.status = event.status
+        self.info = event.info
+        self.processing: set[TaskState] = set()
+        self.has_what: set[TaskState] = set()
+
+    def __repr__(self) -> str:
+        return f"<WorkerState {self.address} {self.status}>"
+
+
+class ClientState:
+    __slots__ = ("id", "wants")
+
+    def __init__(self, client_id: str) -> None:
+        self.id = client_id
+        self.wants: set[TaskState] = set()
+
+    def __repr__(self) -> str:
+        return f"<ClientState {self.id}>"
+
+
+def host_of(address: str) -> str:
+    """'tcp://127.0.0.1:8786' -> '127.0.0.1'; '[::1]' keeps its brackets off."""
+    location = address.split("://", 1)[-1]
+    host = location.rsplit(":", 1)[0]
+    return host.strip("[]")
+
+
+KilledWorkerFactory = Callable[[Key, str, int], object]
+
+
+class SchedulerState:
+    def __init__(
+        self,
+        *,
+        killed_worker: KilledWorkerFactory,
+        allowed_failures: int = 3,
+    ) -> None:
+        self.tasks: dict[Key, TaskState] = {}
+        self.workers: dict[str, WorkerState] = {}
+        self.clients: dict[str, ClientState] = {}
+        self.no_worker: set[TaskState] = set()
+        self._tasks_by_id: dict[int, TaskState] = {}
+        self._workers_by_id: dict[int, WorkerState] = {}
+        self._next_task_id = 0
+        self._next_worker_id = 0
+        self._next_run_id = 0
+        self._killed_worker = killed_worker
+        self.allowed_failures = allowed_failures
+        self.generation = 0
+        self._last_graph_time = float("-inf")
+        self._stimulus_id = ""
+        self._now = 0.0
+        self._handlers: dict[type, Callable[[Any, Outbox], None]] = {
+            ev.ClientConnected: self._client_connected,
+            ev.ClientDisconnected: self._client_disconnected,
+            ev.GraphReceived: self._graph_received,
+            ev.GraphFailed: self._graph_failed,
+            ev.ClientDesiresKeys: self._client_desires_keys,
+            ev.ClientReleasesKeys: self._client_releases_keys,
+            ev.CancelKeys: self._cancel_keys,
+            ev.ReportKey: self._report_key,
+            ev.DataPlaced: self._data_placed,
+            ev.RetryKeys: self._retry_keys,
+            ev.WorkerConnected: self._worker_connected,
+            ev.WorkerDisconnected: self._worker_disconnected,
+            ev.WorkerStatusChanged: self._worker_status_changed,
+            ev.TaskFinished: self._task_finished,
+            ev.TaskErred: self._task_erred,
+            ev.ReleaseWorkerData: self._release_worker_data,
+            ev.AddKeys: self._add_keys,
+            ev.RequestRefreshWhoHas: self._request_refresh_who_has,
+            ev.LongRunning: self._long_running,
+            ev.Reschedule: self._reschedule,
+            ev.PolicyDecisions: self._policy_decisions,
+        }
+        self._transitions: dict[
+            tuple[str, str], Callable[[TaskState, dict[TaskState, str], Outbox], None]
+        ] = {
+            (RELEASED, WAITING): self._released_waiting,
+            (WAITING, READY): self._waiting_ready,
+            (NO_WORKER, READY): self._waiting_ready,
+            (WAITING, RELEASED): self._waiting_released,
+            (READY, RELEASED): self._ready_released,
+            (NO_WORKER, RELEASED): self._ready_released,
+            (PROCESSING, RELEASED): self._processing_released,
+            (MEMORY, RELEASED): self._memory_released,
+            (ERRED, RELEASED): self._erred_released,
+            (RELEASED, FORGOTTEN): self._released_forgotten,
+            (ERRED, FORGOTTEN): self._erred_forgotten,
+            (RELEASED, ERRED): self._to_erred,
+            (WAITING, ERRED): self._to_erred,
+            (READY, ERRED): self._to_erred,
+            (NO_WORKER, ERRED): self._to_erred,
+            (PROCESSING, ERRED): self._to_erred,
+        }
+
+    # ------------------------------------------------------------------ entry point
+    def handle(self, event: ev.Event, now: float) -> Outbox:
+        out = Outbox()
+        self._now = now
+        self._stimulus_id = f"{type(event).__name__}-{now}"
+        self._handlers[type(event)](event, out)
+        return out
+
+    def task_by_id(self, task_id: int) -> TaskState | None:
+        return self._tasks_by_id.get(task_id)
+
+    # ------------------------------------------------------------------ transitions engine
+    def _run(self, recs: dict[TaskState, str], out: Outbox) -> None:
+        while recs:
+            ts, finish = recs.popitem()
+            self._transition(ts, finish, recs, out)
+
+    def _transition(
+        self, ts: TaskState, finish: str, recs: dict[TaskState, str], out: Outbox
+    ) -> None:
+        start = ts.state
+        if start in (finish, FORGOTTEN):
+            return
+        if finish in (RELEASED, FORGOTTEN) and self._needed(ts) and start != ERRED:
+            return  # stale recommendation: the task became needed again
+        if finish == FORGOTTEN and start in (RELEASED, ERRED) and (ts.who_wants or ts.dependents):
+            return
+        transition = self._transitions.get((start, finish))
+        if transition is not None:
+            transition(ts, recs, out)
+        elif (start, RELEASED) in self._transitions and start != RELEASED:
+            # Go through released; settling there decides whether to wait again or forget.
+            self._transitions[start, RELEASED](ts, recs, out)
+        else:
+            raise InvalidTransition(f"{ts!r}: {start} -> {finish}")
+
+    @staticmethod
+    def _needed(ts: TaskState) -> bool:
+        return bool(ts.who_wants or ts.waiters)
+
+    def _release_if_unneeded(self, ts: TaskState, recs: dict[TaskState, str]) -> None:
+        if ts.who_wants or ts.waiters:
+            return
+        if not ts.dependents:
+            recs[ts] = FORGOTTEN
+        elif ts.state not in (RELEASED, ERRED):
+            recs[ts] = RELEASED
+
+    def _settle_released(self, ts: TaskState, recs: dict[TaskState, str]) -> None:
+        """``ts`` has just become released: wait again if still needed, else let go of its
+        inputs, and be forgotten if nothing refers to it any more."""
+        if ts.who_wants or ts.waiters:
+            recs[ts] = WAITING
+            return
+        self._detach_from_inputs(ts, recs)
+        if not ts.dependents:
+            recs[ts] = FORGOTTEN
+
+    def _detach_from_inputs(self, ts: TaskState, recs: dict[TaskState, str]) -> None:
+        for dts in ts.dependencies:
+            if ts in dts.waiters:
+                dts.waiters.discard(ts)
+                self._release_if_unneeded(dts, recs)
+        ts.waiting_on.clear()
+
+    # ------------------------------------------------------------------ transitions
+    def _released_waiting(self, ts: TaskState, recs: dict[TaskState, str], out: Outbox) -> None:
+        if ts.run_spec is None:
+            # Scattered data that is gone cannot be recomputed: cancel everything needing it.
+            self._cancel_closure([ts], recs, out, reason="lost-data")
+            return
+        for dts in ts.dependencies:
+            if dts.state == ERRED:
+                ts.exception_blame = dts.exception_blame
+                self._to_erred(ts, recs, out)
+                return
+        ts.state = WAITING
+        for dts in ts.dependencies:
+            dts.waiters.add(ts)
+            if dts.state != MEMORY:
+                ts.waiting_on.add(dts)
+                if dts.state == RELEASED:
+                    recs[dts] = WAITING
+        if not ts.waiting_on:
+            recs[ts] = READY
+
+    def _waiting_ready(self, ts: TaskState, recs: dict[TaskState, str], out: Outbox) -> None:
+        if ts.waiting_on:
+            return
+        if ts.state == NO_WORKER:
+            self.no_worker.discard(ts)
+        ts.state = READY
+        out.policy.append(self._task_ready_event(ts))
+
+    def _task_ready_event(self, ts: TaskState) -> policy.TaskReady:
+        inputs = tuple(
+            policy.TaskInput(dts.nbytes, tuple(ws.id for ws in dts.who_has))
+            for dts in ts.dependencies
+        )
+        allowed: frozenset[int] | None = None
+        if ts.worker_restrictions is not None:
+            names = ts.worker_restrictions
+            allowed = frozenset(
+                ws.id
+                for ws in self.workers.values()
+                if ws.address in names or ws.host in names or str(ws.name) in names
+            )
+        resources = tuple(ts.resource_restrictions.items()) if ts.resource_restrictions else ()
+        return policy.TaskReady(
+            ts.id, ts.priority, inputs, allowed, ts.loose_restrictions, resources
+        )
+
+    def _waiting_released(self, ts: TaskState, recs: dict[TaskState, str], out: Outbox) -> None:
+        ts.state = RELEASED
+        self._settle_released(ts, recs)
+
+    def _ready_released(self, ts: TaskState, recs: dict[TaskState, str], out: Outbox) -> None:
+        self.no_worker.discard(ts)
+        out.policy.append(policy.TaskCancelled(ts.id))
+        ts.state = RELEASED
+        self._settle_released(ts, recs)
+
+    def _processing_released(self, ts: TaskState, recs: dict[TaskState, str], out: Outbox) -> None:
+        ws = self._stop_processing(ts, out)
+        out.free_keys(ws.address, ts.key, self._stimulus_id)
+        ts.state = RELEASED
+        self._settle_released(ts, recs)
+
+    def _memory_released(self, ts: TaskState, recs: dict[TaskState, str], out: Outbox) -> None:
+        for ws in ts.who_has:
+            ws.has_what.discard(ts)
+            out.free_keys(ws.address, ts.key, self._stimulus_id)
+        ts.who_has.clear()
+        ts.state = RELEASED
+        self._settle_released(ts, recs)
+
+    def _erred_released(self, ts: TaskState, recs: dict[TaskState, str], out: Outbox) -> None:
+        self._forget_error(ts, out)
+        ts.state = RELEASED
+        self._settle_released(ts, recs)
+
+    def _erred_forgotten(self, ts: TaskState, recs: dict[TaskState, str], out: Outbox) -> None:
+        self._forget_error(ts, out)
+        self._forget(ts, recs)
+
+    def _released_forgotten(self, ts: TaskState, recs: dict[TaskState, str], out: Outbox) -> None:
+        self._forget(ts, recs)
+
+    def _forget(self, ts: TaskState, recs: dict[TaskState, str]) -> None:
+        for dts in ts.dependencies:
+            dts.dependents.discard(ts)
+            dts.waiters.discard(ts)
+            self._release_if_unneeded(dts, recs)
+        ts.dependencies.clear()
+        ts.waiting_on.clear()
+        ts.state = FORGOTTEN
+        del self.tasks[ts.key]
+        del self._tasks_by_id[ts.id]
+
+    def _forget_error(self, ts: TaskState, out: Outbox) -> None:
+        for address in ts.erred_on:
+            if address in self.workers:
+                out.free_keys(address, ts.key, self._stimulus_id)
+        ts.erred_on.clear()
+        ts.exception = ts.traceback = ts.exception_blame = None
+        ts.exception_text = ""
+
+    def _to_erred(self, ts: TaskState, recs: dict[TaskState, str], out: Outbox) -> None:
+        """Err ``ts`` with the error of ``ts.exception_blame`` (set by the caller)."""
+        start = ts.state
+        if start == PROCESSING:
+            self._stop_processing(ts, out)
+        elif start in (READY, NO_WORKER):
+            self.no_worker.discard(ts)
+            out.policy.append(policy.TaskCancelled(ts.id))
+        ts.state = ERRED
+        self._detach_from_inputs(ts, recs)
+        blame = ts.exception_blame
+        assert blame is not None
+        for dts in ts.dependents:
+            if dts.state in ACTIVE or (dts.state == RELEASED and self._needed(dts)):
+                dts.exception_blame = blame
+                recs[dts] = ERRED
+        self._report_erred(ts, out)
+        if not ts.who_wants and not ts.dependents:
+            recs[ts] = FORGOTTEN
+
+    # ------------------------------------------------------------------ helpers
+    def _report_erred(self, ts: TaskState, out: Outbox) -> None:
+        blame = ts.exception_blame
+        assert blame is not None
+        msg = {
+            "op": "task-erred",
+            "key": ts.key,
+            "exception": blame.exception,
+            "traceback": blame.traceback,
+        }
+        for cs in ts.who_wants:
+            out.send_client(cs.id, msg)
+        self._drop_fire_and_forget(ts)
+
+    def _report_memory(self, ts: TaskState, out: Outbox) -> None:
+        if ts.who_wants:
+            msg: dict[str, Any] = {"op": "key-in-memory", "key": ts.key}
+            if ts.type is not None:
+                msg["type"] = ts.type
+            for cs in ts.who_wants:
+                out.send_client(cs.id, msg)
+            self._drop_fire_and_forget(ts)
+
+    def _drop_fire_and_forget(self, ts: TaskState) -> None:
+        """fire-and-forget keys are wanted only until they finish; the caller re-checks
+        whether the task is still needed."""
+        for cs in ts.who_wants:
+            if cs.id == FIRE_AND_FORGET:
+                ts.who_wants.discard(cs)
+                cs.wants.discard(ts)
+                break
+
+    def _start_processing(self, ts: TaskState, ws: WorkerState, out: Outbox) -> None:
+        ts.state = PROCESSING
+        ts.processing_on = ws
+        ws.processing.add(ts)
+        ts.run_id = self._next_run_id
+        self._next_run_id += 1
+        who_has = {}
+        nbytes = {}
+        for dts in ts.dependencies:
+            who_has[dts.key] = tuple(w.address for w in dts.who_has)
+            nbytes[dts.key] = dts.nbytes
+        out.send_worker(
+            ws.address,
+            {
+                "op": "compute-task",
+                "key": ts.key,
+                "run_id": ts.run_id,
+                "priority": ts.priority,
+                "stimulus_id": self._stimulus_id,
+                "who_has": who_has,
+                "nbytes": nbytes,
+                "run_spec": ts.run_spec,
+                "resource_restrictions": ts.resource_restrictions,
+                "actor": False,
+                "annotations": ts.annotations,
+                "span_id": None,
+            },
+        )
+
+    def _stop_processing(
+        self, ts: TaskState, out: Outbox, duration: float | None = None
+    ) -> WorkerState:
+        ws = ts.processing_on
+        assert ws is not None
+        ws.processing.discard(ts)
+        ts.processing_on = None
+        if not ts.long_running:
+            out.policy.append(policy.TaskDone(ts.id, ws.id, duration))
+        ts.long_running = False
+        return ws
+
+    def _add_replica(self, ts: TaskState, ws: WorkerState) -> None:
+        ts.who_has.add(ws)
+        ws.has_what.add(ts)
+
+    def _lose_data(self, ts: TaskState, recs: dict[TaskState, str], out: Outbox) -> None:
+        """The last replica of ``ts`` is gone: recompute it if it is still needed."""
+        if ts.run_spec is None:
+            ts.state = RELEASED
+            self._cancel_closure([ts], recs, out, reason="lost-data")
+            self._settle_released(ts, recs)
+            return
+        for cs in ts.who_wants:
+            out.send_client(cs.id, {"op": "lost-data", "key": ts.key})
+        for dts in ts.dependents:
+            if dts.state in RUNNABLE:
+                recs[dts] = WAITING  # restart: its input must be computed again
+            elif dts.state == WAITING:
+                dts.waiting_on.add(ts)
+        ts.state = RELEASED
+        self._settle_released(ts, recs)
+
+    def _cancel_closure(
+        self, roots: Iterable[TaskState], recs: dict[TaskState, str], out: Outbox, reason: str
+    ) -> list[Key]:
+        """Drop every client's interest in ``roots`` and everything depending on them."""
+        cancelled: list[Key] = []
+        stack = list(roots)
+        seen: set[TaskState] = set()
+        while stack:
+            ts = stack.pop()
+            if ts in seen:
+                continue
+            seen.add(ts)
+            stack.extend(ts.dependents)
+            if ts.who_wants:
+                cancelled.append(ts.key)
+                for cs in ts.who_wants:
+                    cs.wants.discard(ts)
+                ts.who_wants.clear()
+            self._release_if_unneeded(ts, recs)
+        if cancelled and reason == "lost-data":
+            msg = {"op": "cancelled-keys", "keys": cancelled, "reason": reason}
+            for cs in self.clients.values():
+                out.send_client(cs.id, msg)
+        return cancelled
+
+    def _offer_no_worker_tasks(self, recs: dict[TaskState, str]) -> None:
+        for ts in self.no_worker:
+            recs[ts] = READY
+
+    def _client(self, client_id: str) -> ClientState:
+        cs = self.clients.get(client_id)
+        if cs is None:
+            cs = self.clients[client_id] = ClientState(client_id)
+        return cs
+
+    def _want(self, cs: ClientState, ts: TaskState) -> None:
+        ts.who_wants.add(cs)
+        cs.wants.add(ts)
+
+    def _report_state(self, cs: ClientState, ts: TaskState, out: Outbox) -> None:
+        if ts.state == MEMORY:
+            msg: dict[str, Any] = {"op": "key-in-memory", "key": ts.key}
+            if ts.type is not None:
+                msg["type"] = ts.type
+            out.send_client(cs.id, msg)
+        elif ts.state == ERRED and ts.exception_blame is not None:
+            blame = ts.exception_blame
+            out.send_client(
+                cs.id,
+                {
+                    "op": "task-erred",
+                    "key": ts.key,
+                    "exception": blame.exception,
+                    "traceback": blame.traceback,
+                },
+            )
+
+    # ------------------------------------------------------------------ client events
+    def _client_connected(self, event: ev.ClientConnected, out: Outbox) -> None:
+        self._client(event.client)
+
+    def _client_disconnected(self, event: ev.ClientDisconnected, out: Outbox) -> None:
+        cs = self.clients.pop(event.client, None)
+        if cs is None:
+            return
+        recs: dict[TaskState, str] = {}
+        for ts in cs.wants:
+            ts.who_wants.discard(cs)
+            self._release_if_unneeded(ts, recs)
+        cs.wants.clear()
+        self._run(recs, out)
+
+    def _graph_received(self, event: ev.GraphReceived, out: Outbox) -> None:
+        cs = self.clients.get(event.client)
+        if cs is None:
+            out.log("info", f"dropping a graph from {event.client}: the client has left")
+            return
+        tasks = self.tasks
+        in_graph = {spec.key for spec in event.tasks}
+        new_specs = [spec for spec in event.tasks if spec.key not in tasks]
+        lost = [
+            dep
+            for spec in new_specs
+            for dep in spec.dependencies
+            if dep not in in_graph and dep not in tasks
+        ]
+        lost += [key for key in event.keys if key not in in_graph and key not in tasks]
+        if lost:
+            out.send_client(
+                cs.id,
+                {"op": "cancelled-keys", "keys": list(event.keys), "reason": "lost dependencies"},
+            )
+            out.log("info", f"graph from {cs.id} needs unknown keys, e.g. {lost[0]!r}")
+            return
+        generation = self._generation_for(event)
+        order = event.order
+        for spec in new_specs:
+            ts = self._new_task(spec.key, spec.run_spec, spec.annotations)
+            annotations = spec.annotations
+            ts.priority = (
+                -annotations.get("priority", event.user_priority),
+                generation,
+                order.get(spec.key, 0),
+            )
+            self._apply_restrictions(ts, annotations)
+        for spec in new_specs:
+            ts = tasks[spec.key]
+            for dep in spec.dependencies:
+                dts = tasks[dep]
+                ts.dependencies.add(dts)
+                dts.dependents.add(ts)
+        recs: dict[TaskState, str] = {}
+        wanted = [tasks[key] for key in event.keys]
+        for ts in wanted:
+            self._want(cs, ts)
+        for spec in new_specs:
+            ts = tasks[spec.key]
+            if not ts.who_wants and not ts.dependents:  # not culled by the intake: drop it
+                recs[ts] = FORGOTTEN
+        for ts in sorted(wanted, key=lambda t: t.priority, reverse=True):
+            if ts.state == RELEASED:
+                recs[ts] = WAITING
+            else:
+                self._report_state(cs, ts, out)
+        self._run(recs, out)
+
+    def _generation_for(self, event: ev.GraphReceived) -> float:
+        """Older graphs run first; tasks submitted from a task run before their parent."""
+        if event.submitting_task is not None:
+            parent = self.tasks.get(event.submitting_task)
+            if parent is not None:
+                return parent.priority[0] - 0.01
+            return self.generation
+        if self._last_graph_time + event.fifo_timeout < self._now:
+            self.generation += 1
+            self._last_graph_time = self._now
+        return self.generation
+
+    def _new_task(self, key: Key, run_spec: object, annotations: Any) -> TaskState:
+        ts = TaskState(key, self._next_task_id, run_spec, annotations)
+        self._next_task_id += 1
+        self.tasks[key] = ts
+        self._tasks_by_id[ts.id] = ts
+        return ts
+
+    @staticmethod
+    def _apply_restrictions(ts: TaskState, annotations: Any) -> None:
+        workers = annotations.get("workers")
+        if workers is not None:
+            if isinstance(workers, str | int):
+                workers = [workers]
+            ts.worker_restrictions = frozenset(str(w) for w in workers)
+            ts.loose_restrictions = bool(annotations.get("allow_other_workers", False))
+        resources = annotations.get("resources")
+        if resources:
+            ts.resource_restrictions = dict(resources)
+        retries = annotations.get("retries")
+        if retries:
+            ts.retries = int(retries)
+
+    def _graph_failed(self, event: ev.GraphFailed, out: Outbox) -> None:
+        for key in event.keys:
+            out.send_client(
+                event.client,
+                {
+                    "op": "task-erred",
+                    "key": key,
+                    "exception": event.exception,
+                    "traceback": event.traceback,
+                },
+            )
+
+    def _client_desires_keys(self, event: ev.ClientDesiresKeys, out: Outbox) -> None:
+        cs = self._client(event.client)
+        recs: dict[TaskState, str] = {}
+        for key in event.keys:
+            ts = self.tasks.get(key)
+            if ts is None:
+                out.log("warning", f"client {cs.id} desires unknown key {key!r}")
+                continue
+            self._want(cs, ts)
+            self._report_state(cs, ts, out)
+            if ts.state in (MEMORY, ERRED) and cs.id == FIRE_AND_FORGET:
+                self._drop_fire_and_forget(ts)
+                self._release_if_unneeded(ts, recs)
+            elif ts.state == RELEASED:
+                recs[ts] = WAITING
+        self._run(recs, out)
+
+    def _client_releases_keys(self, event: ev.ClientReleasesKeys, out: Outbox) -> None:
+        cs = self.clients.get(event.client)
+        if cs is None:
+            return
+        recs: dict[TaskState, str] = {}
+        for key in event.keys:
+            ts = self.tasks.get(key)
+            if ts is None or ts not in cs.wants:
+                continue
+            cs.wants.discard(ts)
+            ts.who_wants.discard(cs)
+            self._release_if_unneeded(ts, recs)
+        self._run(recs, out)
+
+    def _cancel_keys(self, event: ev.CancelKeys, out: Outbox) -> None:
+        cs = self.clients.get(event.client)
+        roots = []
+        for key in event.keys:
+            ts = self.tasks.get(key)
+            if ts is None or not ts.who_wants:
+                continue
+            if event.force or ts.who_wants == {cs}:
+                roots.append(ts)
+        recs: dict[TaskState, str] = {}
+        cancelled = self._cancel_closure(roots, recs, out, reason="cancel")
+        keys = list(dict.fromkeys([*event.keys, *cancelled]))
+        msg = {"op": "cancelled-keys", "keys": keys, "reason": event.reason, "msg": event.msg}
+        for client in self.clients.values():
+            out.send_client(client.id, msg)
+        self._run(recs, out)
+
+    def _report_key(self, event: ev.ReportKey, out: Outbox) -> None:
+        ts = self.tasks.get(event.key)
+        if ts is None:
+            out.send_client(
+                event.client,
+                {"op": "cancelled-keys", "keys": [event.key], "reason": "already forgotten"},
+            )
+        elif event.client in self.clients:
+            self._report_state(self.clients[event.client], ts, out)
+
+    def _data_placed(self, event: ev.DataPlaced, out: Outbox) -> None:
+        cs = self._client(event.client)
+        for key, addresses in event.who_has.items():
+            holders = [self.workers[a] for a in addresses if a in self.workers]
+            if not holders:
+                out.log("warning", f"data for {key!r} placed on unknown workers {addresses}")
+                continue
+            ts = self.tasks.get(key)
+            if ts is None:
+                ts = self._new_task(key, None, {})
+            elif ts.state not in (RELEASED, MEMORY):
+                out.log("warning", f"ignoring data placed for {key!r}: it is {ts.state}")
+                continue
+            ts.state = MEMORY
+            ts.nbytes = int(event.nbytes.get(key, 0))
+            for ws in holders:
+                self._add_replica(ts, ws)
+            self._want(cs, ts)
+            out.send_client(cs.id, {"op": "key-in-memory", "key": key})
+
+    def _retry_keys(self, event: ev.RetryKeys, out: Outbox) -> None:
+        stack = [self.tasks[key] for key in event.keys if key in self.tasks]
+        seen: set[TaskState] = set()
+        roots: list[Key] = []
+        while stack:
+            ts = stack.pop()
+            if ts in seen or ts.state != ERRED:
+                continue
+            seen.add(ts)
+            erred_inputs = [dts for dts in ts.dependencies if dts.state == ERRED]
+            if erred_inputs:
+                stack.extend(erred_inputs)
+            else:
+                roots.append(ts.key)
+        # Reset the whole erred chain before anything settles, so that no task sees an erred
+        # input and errs again.
+        recs: dict[TaskState, str] = {}
+        for ts in seen:
+            self._forget_error(ts, out)
+            for cs in ts.who_wants:
+                out.send_client(cs.id, {"op": "task-retried", "key": ts.key})
+            ts.state = RELEASED
+        for ts in seen:
+            self._settle_released(ts, recs)
+        out.reply = tuple(roots)
+        self._run(recs, out)
+
+    # ------------------------------------------------------------------ worker events
+    def _worker_connected(self, event: ev.WorkerConnected, out: Outbox) -> None:
+        if event.address in self.workers:
+            out.log("warning", f"worker {event.address} registered twice; keeping the first")
+            return
+        ws = WorkerState(self._next_worker_id, event)
+        self._next_worker_id += 1
+        self.workers[ws.address] = ws
+        self._workers_by_id[ws.id] = ws
+        running = ws.status == "running"
+        out.policy.append(
+            policy.WorkerAdded(ws.id, ws.nthreads, tuple(ws.resources.items()), running)
+        )
+        if running:
+            recs: dict[TaskState, str] = {}
+            self._offer_no_worker_tasks(recs)
+            self._run(recs, out)
+
+    def _worker_disconnected(self, event: ev.WorkerDisconnected, out: Outbox) -> None:
+        ws = self.workers.pop(event.address, None)
+        if ws is None:
+            return
+        del self._workers_by_id[ws.id]
+        out.policy.append(policy.WorkerRemoved(ws.id))
+        out.close_workers.append(ws.address)
+        recs: dict[TaskState, str] = {}
+        for ts in list(ws.processing):
+            if not event.expected:
+                ts.suspicious += 1
+            if ts.suspicious > self.allowed_failures:
+                self._stop_processing(ts, out)
+                ts.state = RELEASED  # erred from released: it no longer runs anywhere
+                ts.exception = self._killed_worker(ts.key, ws.address, self.allowed_failures)
+                ts.traceback = None
+                ts.exception_text = f"KilledWorker: {ts.key!r} on {ws.address}"
+                ts.exception_blame = ts
+                recs[ts] = ERRED
+            else:
+                recs[ts] = WAITING
+        for ts in ws.has_what:
+            ts.who_has.discard(ws)
+            if not ts.who_has and ts.state == MEMORY:
+                self._lose_data(ts, recs, out)
+        ws.has_what.clear()
+        for other in self.workers.values():
+            out.send_worker(
+                other.address,
+                {"op": "remove-worker", "worker": ws.address, "stimulus_id": event.stimulus_id},
+            )
+        self._run(recs, out)
+
+    def _worker_status_changed(self, event: ev.WorkerStatusChanged, out: Outbox) -> None:
+        ws = self.workers.get(event.address)
+        if ws is None or ws.status == event.status:
+            return
+        was_running = ws.status == "running"
+        ws.status = event.status
+        running = ws.status == "running"
+        if running != was_running:
+            out.policy.append(policy.WorkerStatus(ws.id, running))
+        if running:
+            recs: dict[TaskState, str] = {}
+            self._offer_no_worker_tasks(recs)
+            self._run(recs, out)
+
+    def _task_finished(self, event: ev.TaskFinished, out: Outbox) -> None:
+        ws = self.workers.get(event.worker)
+        if ws is None:
+            return
+        ts = self.tasks.get(event.key)
+        recs: dict[TaskState, str] = {}
+        if ts is None:
+            out.free_keys(ws.address, event.key, self._stimulus_id)
+        elif ts.state == PROCESSING and ts.processing_on is ws:
+            if ts.run_id == event.run_id:
+                self._processing_memory(ts, ws, event, recs, out)
+            else:
+                recs[ts] = WAITING  # the worker's view of this task is stale: start over
+        elif ts.state == MEMORY:
+            self._add_replica(ts, ws)
+        else:
+            out.free_keys(ws.address, event.key, self._stimulus_id)
+        self._run(recs, out)
+
+    def _processing_memory(
+        self,
+        ts: TaskState,
+        ws: WorkerState,
+        event: ev.TaskFinished,
+        recs: dict[TaskState, str],
+        out: Outbox,
+    ) -> None:
+        self._stop_processing(ts, out, event.duration)
+        ts.state = MEMORY
+        ts.nbytes = event.nbytes
+        ts.type = event.type
+        self._add_replica(ts, ws)
+        self._report_memory(ts, out)
+        for dts in ts.dependents:
+            if dts.state == WAITING:
+                dts.waiting_on.discard(ts)
+                if not dts.waiting_on:
+                    recs[dts] = READY
+        for dts in ts.dependencies:
+            dts.waiters.discard(ts)
+            self._release_if_unneeded(dts, recs)
+        self._release_if_unneeded(ts, recs)
+
+    def _task_erred(self, event: ev.TaskErred, out: Outbox) -> None:
+        ws = self.workers.get(event.worker)
+        ts = self.tasks.get(event.key)
+        if ws is None or ts is None or ts.state != PROCESSING or ts.processing_on is not ws:
+            return
+        recs: dict[TaskState, str] = {}
+        if ts.run_id != event.run_id:
+            recs[ts] = WAITING
+        elif ts.retries > 0:
+            ts.retries -= 1
+            recs[ts] = WAITING
+        else:
+            ts.exception = event.exception
+            ts.traceback = event.traceback
+            ts.exception_text = event.exception_text
+            ts.exception_blame = ts
+            ts.erred_on.add(ws.address)
+            self._to_erred(ts, recs, out)
+        self._run(recs, out)
+
+    def _release_worker_data(self, event: ev.ReleaseWorkerData, out: Outbox) -> None:
+        ws = self.workers.get(event.worker)
+        ts = self.tasks.get(event.key)
+        if ws is None or ts is None or ts not in ws.has_what:
+            return
+        ws.has_what.discard(ts)
+        ts.who_has.discard(ws)
+        if ts.state == MEMORY and not ts.who_has:
+            recs: dict[TaskState, str] = {}
+            self._lose_data(ts, recs, out)
+            self._run(recs, out)
+
+    def _add_keys(self, event: ev.AddKeys, out: Outbox) -> None:
+        ws = self.workers.get(event.worker)
+        if ws is None:
+            return
+        redundant = []
+        for key in event.keys:
+            ts = self.tasks.get(key)
+            if ts is not None and ts.state == MEMORY:
+                self._add_replica(ts, ws)
+            else:
+                redundant.append(key)
+        if redundant:
+            out.send_worker(
+                ws.address,
+                {"op": "remove-replicas", "keys": redundant, "stimulus_id": self._stimulus_id},
+            )
+
+    def _request_refresh_who_has(self, event: ev.RequestRefreshWhoHas, out: Outbox) -> None:
+        if event.worker not in self.workers:
+            return
+        who_has = {}
+        for key in event.keys:
+            ts = self.tasks.get(key)
+            if ts is None:
+                out.free_keys(event.worker, key, self._stimulus_id)
+            else:
+                who_has[key] = [ws.address for ws in ts.who_has]
+        out.send_worker(
+            event.worker,
+            {"op": "refresh-who-has", "who_has": who_has, "stimulus_id": self._stimulus_id},
+        )
+
+    def _long_running(self, event: ev.LongRunning, out: Outbox) -> None:
+        ts = self.tasks.get(event.key)
+        ws = self.workers.get(event.worker)
+        if ts is None or ws is None or ts.processing_on is not ws or ts.long_running:
+            return
+        # A seceded task no longer occupies a thread: the policy may give that thread work.
+        ts.long_running = True
+        out.policy.append(policy.TaskDone(ts.id, ws.id))
+
+    def _reschedule(self, event: ev.Reschedule, out: Outbox) -> None:
+        ts = self.tasks.get(event.key)
+        ws = self.workers.get(event.worker)
+        if ts is None or ws is None or ts.processing_on is not ws:
+            return
+        recs = {ts: WAITING}
+        self._run(recs, out)
+
+    def _policy_decisions(self, event: ev.PolicyDecisions, out: Outbox) -> None:
+        recs: dict[TaskState, str] = {}
+        for decision in event.decisions:
+            ts = self._tasks_by_id.get(decision.task)
+            if isinstance(decision, policy.Assignment):
+                ws = self._workers_by_id.get(decision.worker)
+                if ts is None or ts.state != READY or ws is None or ws.status != "running":
+                    # Stale: give the policy its load back and offer the task again.
+                    out.policy.append(policy.TaskDone(decision.task, decision.worker))
+                    if ts is not None and ts.state == READY:
+                        out.policy.append(self._task_ready_event(ts))
+                    continue
+                self._start_processing(ts, ws, out)
+            elif ts is not None and ts.state == READY:
+                ts.state = NO_WORKER
+                self.no_worker.add(ts)
+        self._run(recs, out)
+
+    # ------------------------------------------------------------------ invariants
+    def validate(self) -> None:
+        """Check every invariant; raise AssertionError naming the first broken one."""
+        for key, ts in self.tasks.items():
+            assert ts.key == key, ts
+            assert self._tasks_by_id[ts.id] is ts, ts
+            assert ts.state != FORGOTTEN, ts
+            assert ts.who_wants or ts.dependents, f"{ts} is referenced by nothing"
+            for dts in ts.dependencies:
+                assert ts in dts.dependents, (ts, dts)
+                assert dts.state != FORGOTTEN and self.tasks.get(dts.key) is dts, (ts, dts)
+            for dts in ts.dependents:
+                assert ts in dts.dependencies, (ts, dts)
+            expected_waiters = {d for d in ts.dependents if d.state in ACTIVE}
+            assert ts.waiters == expected_waiters, (ts, ts.waiters, expected_waiters)
+            if ts.state == WAITING:
+                expected = {d for d in ts.dependencies if d.state != MEMORY}
+                assert ts.waiting_on == expected and expected, (ts, ts.waiting_on)
+            else:
+                assert not ts.waiting_on, ts
+            if ts.state in RUNNABLE:
+                assert all(d.state == MEMORY for d in ts.dependencies), ts
+            if ts.state in ACTIVE:
+                assert self._needed(ts), f"{ts} runs for nobody"
+                assert ts.run_spec is not None, ts
+            assert (ts.state == MEMORY) == bool(ts.who_has), ts
+            if ts.state == MEMORY:
+                assert self._needed(ts), f"{ts} holds data nobody needs"
+            for ws in ts.who_has:
+                assert ts in ws.has_what and self.workers.get(ws.address) is ws, (ts, ws)
+            assert (ts.state == PROCESSING) == (ts.processing_on is not None), ts
+            if ts.processing_on is not None:
+                assert ts in ts.processing_on.processing, ts
+                assert self.workers.get(ts.processing_on.address) is ts.processing_on, ts
+            assert (ts.state == NO_WORKER) == (ts in self.no_worker), ts
+            if ts.state == ERRED:
+                blame = ts.exception_blame
+                assert blame is not None and blame.state == ERRED, ts
+                assert blame is ts or blame.key in self.tasks, ts
+            for cs in ts.who_wants:
+                assert ts in cs.wants and self.clients.get(cs.id) is cs, (ts, cs)
+        assert len(self._tasks_by_id) == len(self.tasks)
+        for address, ws in self.workers.items():
+            assert ws.address == address and self._workers_by_id[ws.id] is ws, ws
+            for ts in ws.processing:
+                assert ts.processing_on is ws and self.tasks.get(ts.key) is ts, (ws, ts)
+            for ts in ws.has_what:
+                assert ws in ts.who_has and self.tasks.get(ts.key) is ts, (ws, ts)
+        assert len(self._workers_by_id) == len(self.workers)
+        for client_id, cs in self.clients.items():
+            assert cs.id == client_id, cs
+            for ts in cs.wants:
+                assert cs in ts.who_wants and self.tasks.get(ts.key) is ts, (cs, ts)

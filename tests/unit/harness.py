@@ -1,0 +1,113 @@
+"""An in-memory scheduler for tests: the state machine wired to a policy, no network.
+
+Every step runs ``validate()``. Messages the state machine sends are recorded per peer, so
+tests assert on what was *sent*, and ``run_until_idle`` plays the workers by completing
+every compute-task it sees (optionally with an error).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from dsched.policy.locality import LocalityPolicy
+from dsched.policy.protocol import Policy
+from dsched.state import events as ev
+from dsched.state.machine import SchedulerState
+from dsched.state.outbox import Message, Outbox
+
+
+def killed_worker(key: Any, address: str, allowed_failures: int) -> object:
+    return ("KilledWorker", key, address, allowed_failures)
+
+
+class Harness:
+    def __init__(self, policy: Policy | None = None, allowed_failures: int = 3) -> None:
+        self.state = SchedulerState(killed_worker=killed_worker, allowed_failures=allowed_failures)
+        self.policy: Policy = policy if policy is not None else LocalityPolicy()
+        self.now = 1000.0
+        self.to_workers: dict[str, list[Message]] = defaultdict(list)
+        self.to_clients: dict[str, list[Message]] = defaultdict(list)
+
+    # -------------------------------------------------------------- driving
+    def step(self, event: ev.Event) -> Outbox:
+        self.now += 0.001
+        out = self.state.handle(event, self.now)
+        self.state.validate()
+        total = Outbox()
+        total.merge(out)
+        while out.policy:
+            decisions = self.policy.handle(out.policy, self.now)
+            out = self.state.handle(ev.PolicyDecisions(decisions), self.now)
+            self.state.validate()
+            total.merge(out)
+        for address, msgs in total.to_workers.items():
+            self.to_workers[address].extend(msgs)
+        for client, msgs in total.to_clients.items():
+            self.to_clients[client].extend(msgs)
+        return total
+
+    def add_worker(self, address: str, nthreads: int = 1, **kwargs: Any) -> Outbox:
+        return self.step(ev.WorkerConnected(address, nthreads, **kwargs))
+
+    def add_client(self, client: str = "c") -> Outbox:
+        return self.step(ev.ClientConnected(client))
+
+    def submit(
+        self,
+        graph: Mapping[Any, Iterable[Any]],
+        keys: Iterable[Any],
+        client: str = "c",
+        annotations: Mapping[Any, Mapping[str, Any]] | None = None,
+        order: Mapping[Any, int] | None = None,
+    ) -> Outbox:
+        """Send a graph ``{key: dependencies}``; run_specs are placeholder strings."""
+        annotations = annotations or {}
+        tasks = [
+            ev.NewTask(key, tuple(deps), f"run-{key}", dict(annotations.get(key, {})))
+            for key, deps in graph.items()
+        ]
+        order = order if order is not None else {key: i for i, key in enumerate(graph)}
+        return self.step(ev.GraphReceived(client, tasks, list(keys), order))
+
+    # -------------------------------------------------------------- playing the workers
+    def processing(self) -> dict[Any, str]:
+        """{key: worker address} of every task the scheduler believes is running."""
+        return {
+            ts.key: ts.processing_on.address
+            for ts in self.state.tasks.values()
+            if ts.processing_on is not None
+        }
+
+    def finish(self, key: Any, nbytes: int = 8, worker: str | None = None) -> Outbox:
+        ts = self.state.tasks[key]
+        address = worker or ts.processing_on.address
+        return self.step(ev.TaskFinished(address, key, ts.run_id, nbytes, type=b"int"))
+
+    def fail(self, key: Any, exception: object = "boom") -> Outbox:
+        ts = self.state.tasks[key]
+        return self.step(ev.TaskErred(ts.processing_on.address, key, ts.run_id, exception, "tb"))
+
+    def run_until_idle(self, fail: Iterable[Any] = (), limit: int = 100_000) -> None:
+        fail = set(fail)
+        for _ in range(limit):
+            running = self.processing()
+            if not running:
+                return
+            key = min(running, key=lambda k: self.state.tasks[k].priority)
+            if key in fail:
+                self.fail(key)
+            else:
+                self.finish(key)
+        raise AssertionError("the graph did not finish")
+
+    # -------------------------------------------------------------- inspecting
+    def client_ops(self, client: str = "c") -> list[tuple[str, Any]]:
+        return [(m["op"], m.get("key", m.get("keys"))) for m in self.to_clients[client]]
+
+    def worker_ops(self, address: str, op: str) -> list[Message]:
+        return [m for m in self.to_workers[address] if m["op"] == op]
+
+    def freed_on(self, address: str) -> list[Any]:
+        return [key for m in self.worker_ops(address, "free-keys") for key in m["keys"]]
