@@ -10,11 +10,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from dsched.policy.protocol import Decision
 
 Key = Any  # str | bytes | int | float | tuple[Key, ...], hashable
+
+
+class TaskSpecLike(Protocol):
+    """What the state machine reads of a task in a received graph (graph intake's TaskSpec
+    has these attributes, so its records are used as they are, without copying)."""
+
+    @property
+    def key(self) -> Key: ...
+    @property
+    def dependencies(self) -> tuple[Key, ...]: ...
+    @property
+    def run_spec(self) -> object: ...
+    @property
+    def annotations(self) -> Mapping[str, Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +55,7 @@ class ClientDisconnected:
 @dataclass(frozen=True, slots=True)
 class GraphReceived:
     client: str
-    tasks: Sequence[NewTask]
+    tasks: Sequence[TaskSpecLike]
     keys: Sequence[Key]  # what the client holds futures for
     order: Mapping[Key, int]  # internal priority
     # Global user priority (the ``priority`` annotation of the whole call).

@@ -1,0 +1,3 @@
+from dsched.cli import main
+
+main()

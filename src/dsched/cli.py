@@ -1,0 +1,116 @@
+"""``dsched`` command line: ``dsched scheduler`` takes the flags of ``dask scheduler``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+
+import dsched
+
+logger = logging.getLogger("dsched.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsched", description=dsched.__doc__)
+    parser.add_argument("--version", action="version", version=f"dsched {dsched.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sched = commands.add_parser("scheduler", help="run a Dask-compatible scheduler")
+    sched.add_argument("--version", action="version", version=f"dsched {dsched.__version__}")
+    sched.add_argument("--host", default="", help="address to listen on (default: all)")
+    sched.add_argument("--port", type=int, default=8786, help="port (0 picks a free one)")
+    sched.add_argument("--interface", help="network interface to listen on, e.g. 'eth0'")
+    sched.add_argument("--protocol", default="tcp", help="only 'tcp' is supported")
+    sched.add_argument("--scheduler-file", help="write the address here as dask does (JSON)")
+    sched.add_argument("--dashboard-address", help="accepted for compatibility: no dashboard yet")
+    sched.add_argument("--dashboard", dest="dashboard", action="store_true", default=True)
+    sched.add_argument("--no-dashboard", dest="dashboard", action="store_false")
+    sched.add_argument("--dashboard-prefix", help=argparse.SUPPRESS)
+    sched.add_argument("--show", action="store_true", help=argparse.SUPPRESS)
+    sched.add_argument("--jupyter", action="store_true", help=argparse.SUPPRESS)
+    sched.add_argument("--idle-timeout", help="shut down after this long without clients/work")
+    sched.add_argument("--pid-file", help="write the process id to this file")
+    sched.add_argument("--preload", action="append", default=[], help="not supported")
+    sched.add_argument(
+        "--policy", default=None, help="scheduling policy: a name or 'package.module:Class'"
+    )
+    sched.add_argument(
+        "--validate", action="store_true", help="check every state invariant after each step"
+    )
+    return parser
+
+
+def _interface_address(interface: str) -> str:
+    import psutil
+
+    for addr in psutil.net_if_addrs().get(interface, ()):
+        if addr.family == socket.AF_INET:
+            return str(addr.address)
+    raise SystemExit(f"dsched: interface {interface!r} has no IPv4 address")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("DSCHED_LOG_LEVEL", "INFO"),
+        format="%(asctime)s - %(name)s - %(levelname)s - %(message)s",
+    )
+    if args.command == "scheduler":
+        run_scheduler(args)
+
+
+def run_scheduler(args: argparse.Namespace) -> None:
+    from dask.utils import parse_timedelta
+
+    from dsched.policy import DEFAULT_POLICY, make_policy
+    from dsched.server.scheduler import Scheduler
+
+    if args.protocol not in ("tcp", "tcp://"):
+        raise SystemExit(f"dsched: protocol {args.protocol!r} is not supported yet (only tcp)")
+    if args.preload:
+        raise SystemExit("dsched: --preload is not supported (dsched has no Scheduler plugins)")
+    if args.dashboard_address or not args.dashboard:
+        logger.info("dsched has no dashboard yet; dashboard options are accepted and ignored")
+    host = args.host
+    if args.interface:
+        host = _interface_address(args.interface)
+    policy = make_policy(args.policy or os.environ.get("DSCHED_POLICY", DEFAULT_POLICY))
+    idle_timeout = parse_timedelta(args.idle_timeout) if args.idle_timeout else None
+    if args.pid_file:
+        with open(args.pid_file, "w") as f:
+            f.write(str(os.getpid()))
+    try:
+        asyncio.run(_serve(Scheduler, policy, host, args, idle_timeout))
+    finally:
+        if args.pid_file:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(args.pid_file)
+
+
+async def _serve(
+    scheduler_class: type, policy: object, host: str, args: argparse.Namespace, idle: float | None
+) -> None:
+    scheduler = scheduler_class(
+        policy, host=host, port=args.port, idle_timeout=idle, validate=args.validate
+    )
+    await scheduler.start()
+    logger.info("  Scheduler at:   %s", scheduler.address)
+    if args.scheduler_file:
+        scheduler.write_scheduler_file(args.scheduler_file)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(
+            sig, lambda s=sig: asyncio.ensure_future(scheduler.close(f"signal {s.name}"))
+        )
+    await scheduler.finished()
+    logger.info("End scheduler")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
