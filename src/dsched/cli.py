@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import signal
@@ -14,6 +15,10 @@ import sys
 import dsched
 
 logger = logging.getLogger("dsched.cli")
+
+# Further subcommands: name -> module with ``add_parser(subparsers, name)``, which registers
+# the subcommand and sets ``func`` (called with the parsed arguments) as its default.
+SUBCOMMANDS: dict[str, str] = {}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     sched.add_argument(
         "--validate", action="store_true", help="check every state invariant after each step"
     )
+    for name, module_name in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.add_parser(commands, name)
     return parser
 
 
@@ -63,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.command == "scheduler":
         run_scheduler(args)
+    else:
+        args.func(args)
 
 
 def run_scheduler(args: argparse.Namespace) -> None:
