@@ -261,14 +261,17 @@ def _cull(dsk: Mapping[Key, GraphNode], keys: Iterable[Key]) -> dict[Key, GraphN
     sizes match: ``keys`` may name futures outside ``dsk``.
     """
     work = set(keys)
-    culled: dict[Key, GraphNode] = {}
+    reachable: set[Key] = set()
     while work:
         key = work.pop()
-        if key in culled or key not in dsk:
+        if key in reachable or key not in dsk:
             continue
-        culled[key] = node = dsk[key]
-        work.update(node.dependencies)
-    return culled
+        reachable.add(key)
+        work.update(dsk[key].dependencies)
+    # Keep the graph's own order, not the walk's (which follows string hashes, so it changes
+    # from process to process): dask.order breaks ties by insertion order, and priorities
+    # must come out as the real scheduler's do, every time.
+    return {key: node for key, node in dsk.items() if key in reachable}
 
 
 def _reject_p2p(dsk: Mapping[Key, GraphNode]) -> None:
