@@ -3,18 +3,41 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
+from dsched.policy.blevel import BLevelPolicy
+from dsched.policy.common import PolicyConfig
+from dsched.policy.dask_like import DaskPolicy
 from dsched.policy.locality import LocalityPolicy
 from dsched.policy.protocol import Policy
+from dsched.policy.random import RandomPolicy
+from dsched.policy.workstealing import WorkStealingPolicy
 
-POLICIES = {"locality": LocalityPolicy}
+
+def _locality(config: PolicyConfig) -> Policy:
+    return LocalityPolicy(bandwidth=config.bandwidth)
+
+
+POLICIES: dict[str, Callable[[PolicyConfig], Policy]] = {
+    "locality": _locality,
+    "random": RandomPolicy,
+    "workstealing": WorkStealingPolicy,
+    "blevel": BLevelPolicy,
+    "dask": DaskPolicy,
+}
 DEFAULT_POLICY = "locality"
 
+__all__ = ["DEFAULT_POLICY", "POLICIES", "PolicyConfig", "make_policy"]
 
-def make_policy(name: str) -> Policy:
-    """A policy by registered name, or a user's class by dotted path ``pkg.module:Class``."""
+
+def make_policy(name: str, config: PolicyConfig | None = None) -> Policy:
+    """A policy by registered name, or a user's class by dotted path ``pkg.module:Class``.
+
+    Built-in policies get ``config``; a user's class is called with no arguments.
+    """
+    config = config if config is not None else PolicyConfig()
     if name in POLICIES:
-        return POLICIES[name]()
+        return POLICIES[name](config)
     if ":" in name:
         module_name, _, class_name = name.partition(":")
         policy_class = getattr(importlib.import_module(module_name), class_name)

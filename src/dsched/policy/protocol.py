@@ -16,9 +16,31 @@ policy answers with decisions:
   load by counting.
 * ``TaskCancelled``: a ready task left the ready state before it was assigned (released by
   its clients, or its input was lost); a policy that queues tasks drops it.
+* ``TaskAdded``: a task entered the runtime (from a graph, or scattered data), with its
+  dependencies (task ids), its *prefix* (``dask.utils.key_split`` of the key: what Dask
+  groups duration estimates by) and its priority. Sent once per task, before any other event
+  about it; the tasks of one graph are announced together, so a task's dependencies were
+  announced earlier or in the same run of ``TaskAdded`` events. A policy
+  that needs the graph (b-level, per-prefix durations, root-task detection) keeps it from
+  these; one that does not simply ignores them.
+* ``TaskForgotten``: the runtime dropped the task for good; the id is never reused.
 
 Decisions: ``Assignment(task, worker)`` runs the task there; ``NoWorker(task)`` says no
 running worker can take it now (the runtime parks it and offers it again when workers change).
+
+Work stealing: ``Steal(task, worker)`` asks the runtime to move a *processing* task to
+``worker`` (the thief). The runtime sends Dask's ``steal-request`` to the worker running it
+(the victim), which gives the task up only if it has not started it yet. Every ``Steal`` is
+answered by exactly one ``StealResult(task, victim, thief, stolen)``:
+
+* ``stolen=True``: the task now runs on the thief. The victim's assignment ended (a
+  ``TaskDone(task, victim)`` precedes the result) and a ``TaskDone(task, thief)`` will end
+  the thief's one, so per-worker load stays a matter of counting.
+* ``stolen=False``: nothing moved. Either the steal was refused at once (the task is not
+  processing, is long-running, already has a steal in flight, or the thief is not running),
+  the victim had already started it, or the task left the victim (finished, erred, released,
+  victim died) while the request was in flight: then its ``TaskDone`` came as usual. When the
+  victim released the task but the thief is gone, the task is offered again (``TaskReady``).
 
 Every record is a frozen, slotted dataclass of ints, floats, tuples and strings, so the same
 messages can cross a process boundary unchanged. Task and worker ids are small ints chosen by
@@ -76,6 +98,8 @@ class TaskReady:
     loose: bool = False
     # Abstract resources the worker must offer (``resources=`` annotation).
     resources: tuple[tuple[str, float], ...] = ()
+    # dask.utils.key_split of the key (as in TaskAdded).
+    prefix: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +108,8 @@ class TaskDone:
     worker: int
     # Measured compute seconds when known (from the worker's startstops), else None.
     duration: float | None = None
+    # Size of the result when the task finished into memory, else None.
+    nbytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +117,39 @@ class TaskCancelled:
     task: int
 
 
-PolicyEvent = WorkerAdded | WorkerRemoved | WorkerStatus | TaskReady | TaskDone | TaskCancelled
+@dataclass(frozen=True, slots=True)
+class TaskAdded:
+    task: int
+    priority: Priority
+    dependencies: tuple[int, ...] = ()
+    # dask.utils.key_split of the key, e.g. "inc" for "inc-8b1a...": the duration group.
+    prefix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskForgotten:
+    task: int
+
+
+@dataclass(frozen=True, slots=True)
+class StealResult:
+    task: int
+    victim: int
+    thief: int
+    stolen: bool
+
+
+PolicyEvent = (
+    WorkerAdded
+    | WorkerRemoved
+    | WorkerStatus
+    | TaskReady
+    | TaskDone
+    | TaskCancelled
+    | TaskAdded
+    | TaskForgotten
+    | StealResult
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +163,15 @@ class NoWorker:
     task: int
 
 
-Decision = Assignment | NoWorker
+@dataclass(frozen=True, slots=True)
+class Steal:
+    """Move a processing task to ``worker`` if its current worker has not started it."""
+
+    task: int
+    worker: int
+
+
+Decision = Assignment | NoWorker | Steal
 
 
 class Policy(Protocol):

@@ -1,0 +1,178 @@
+"""Every policy on the simulator (no sockets): the real runtime, a model of the workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dsched.policy import POLICIES, PolicyConfig, make_policy
+from dsched.policy.common import WorkerInfo
+from dsched.policy.dask_like import DaskPolicy
+from dsched.policy.protocol import WorkerAdded
+from dsched.sim import graphs
+from dsched.sim.engine import ClusterSpec, SimResult, simulate
+from dsched.sim.graphs import SimGraph, SimTask
+
+pytestmark = pytest.mark.timeout(120)
+
+ALL = sorted(POLICIES)
+EXAMPLES = Path(__file__).parents[2] / "examples" / "policies"
+
+
+def run(
+    graph: SimGraph,
+    name: str,
+    cluster: ClusterSpec | None = None,
+    validate: bool = True,
+    **config: object,
+) -> SimResult:
+    policy = make_policy(name, PolicyConfig(**config))  # type: ignore[arg-type]
+    return simulate(graph, policy, cluster or ClusterSpec(), policy_name=name, validate=validate)
+
+
+def per_worker(result: SimResult) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for e in result.executions:
+        counts[e.worker] = counts.get(e.worker, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize(
+    "graph",
+    [
+        graphs.merge(300),
+        graphs.map_tasks(200),
+        graphs.tree(6),
+        graphs.chains(3, 10),
+        graphs.wide(20),
+    ],
+    ids=lambda g: g.name,
+)
+def test_every_policy_finishes_every_graph_deterministically(name, graph):
+    cluster = ClusterSpec(n_workers=3, nthreads=2)
+    first = run(graph, name, cluster)
+    assert first.executed >= len(graph)
+    again = run(graph, name, cluster)
+    assert (again.makespan, again.placement) == (first.makespan, first.placement)
+
+
+@pytest.mark.parametrize("name", ["locality", "workstealing", "blevel", "dask"])
+def test_locality_keeps_each_chain_on_one_worker(name):
+    graph = graphs.chains(n_chains=2, length=30, duration=0.01, nbytes=10_000_000)
+    result = run(graph, name)
+    for chain in ("chain0", "chain1"):
+        workers = {w for key, w in result.placement.items() if key[0] == chain}
+        assert len(workers) == 1, (chain, workers)
+    # At most a stolen first link's worth of transfer, never one per link.
+    assert result.bytes_transferred <= 2 * 10_000_000
+    assert run(graph, "random").bytes_transferred > 10 * 10_000_000  # the test can fail
+
+
+def test_stealing_balances_an_unbalanced_start():
+    # Worker 1 joins late: everything was already placed on worker 0.
+    cluster = ClusterSpec(n_workers=2, join_times=(0.0, 0.05))
+    graph = graphs.map_tasks(200, duration=0.01)
+    stealing = run(graph, "workstealing", cluster)
+    assert stealing.steals_succeeded > 20
+    assert min(per_worker(stealing).values()) > 60
+    alone = run(graph, "workstealing", cluster, work_stealing=False)
+    assert per_worker(alone) == {0: 200}
+    assert stealing.makespan < 0.7 * alone.makespan
+
+
+def test_dask_policy_balances_a_late_worker_through_its_queue():
+    cluster = ClusterSpec(n_workers=2, join_times=(0.0, 0.05))
+    result = run(graphs.map_tasks(200, duration=0.01), "dask", cluster)
+    assert min(per_worker(result).values()) > 80
+
+
+def restricted_graph() -> SimGraph:
+    w1 = ClusterSpec().address(1)
+    tasks: dict[object, SimTask] = {}
+    for i in range(40):
+        annotations: dict[str, object] = {}
+        if i % 4 == 0:
+            annotations = {"workers": [w1]}
+        elif i % 4 == 1:
+            annotations = {"resources": {"GPU": 1}}
+        elif i % 4 == 2:
+            annotations = {"workers": ["tcp://10.9.9.9:1"], "allow_other_workers": True}
+        tasks[f"t-{i}"] = SimTask(f"t-{i}", (), 0.01, 100, annotations)
+    tasks["sum-0"] = SimTask("sum-0", tuple(tasks), 0.01, 100, {"workers": [w1]})
+    return SimGraph("restricted", tasks, ["sum-0"], {k: i for i, k in enumerate(tasks)})
+
+
+@pytest.mark.parametrize("name", [*ALL, "roundrobin_policy:RoundRobinPolicy"])
+def test_restrictions_are_never_violated(name, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    cluster = ClusterSpec(n_workers=3, resources=((0, (("GPU", 1.0),)),))
+    policy = make_policy(name, PolicyConfig())
+    result = simulate(restricted_graph(), policy, cluster, policy_name=name, validate=True)
+    for key, address in result.placement.items():
+        i = int(key.split("-")[1]) if key != "sum-0" else 0
+        if key == "sum-0" or i % 4 == 0:
+            assert address == cluster.address(1), key
+        elif i % 4 == 1:
+            assert address == cluster.address(0), key
+    assert len(result.placement) == 41
+
+
+def test_queuing_bounds_memory_on_a_wide_root_heavy_graph():
+    peaks = {}
+    for n in (60, 180):
+        graph = graphs.wide(n)  # roots of 50 MB each
+        peaks[n] = {
+            name: max(run(graph, name, validate=False).peak_memory.values())
+            for name in ("dask", "random", "workstealing")
+        }
+    # Bounded: the queued policy's peak does not grow with the number of roots...
+    assert peaks[180]["dask"] == peaks[60]["dask"] <= 10 * 50_000_000
+    # ...while placing every root at once lets it grow.
+    assert peaks[180]["random"] > 2 * peaks[60]["random"]
+    assert peaks[180]["workstealing"] > 4 * peaks[180]["dask"]
+
+
+@pytest.mark.parametrize("name", [*ALL, "roundrobin_policy:RoundRobinPolicy"])
+def test_priorities_decide_the_order_on_one_thread(name, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    graph = graphs.map_tasks(30, duration=0.01)
+    graph.order = {key: -i for i, key in enumerate(graph.tasks)}  # the last is the most urgent
+    policy = make_policy(name, PolicyConfig())
+    result = simulate(graph, policy, ClusterSpec(n_workers=1), policy_name=name, validate=True)
+    ran = [e.key for e in sorted(result.executions, key=lambda e: e.start)]
+    assert ran == list(reversed(graph.tasks))
+
+
+def test_dask_policy_learns_durations_per_prefix():
+    tasks = {f"slow-{i}": SimTask(f"slow-{i}", (), 0.2, 10) for i in range(10)}
+    tasks |= {f"fast-{i}": SimTask(f"fast-{i}", (), 0.001, 10) for i in range(10)}
+    graph = SimGraph("mixed", tasks, list(tasks), {k: i for i, k in enumerate(tasks)})
+    policy = DaskPolicy()
+    simulate(graph, policy, ClusterSpec(n_workers=2))
+    assert policy.durations["slow"] == pytest.approx(0.2)
+    assert policy.durations["fast"] == pytest.approx(0.001)
+    assert policy.queued() == 0 and not policy.placed
+
+
+def test_dask_policy_queues_deep_enough_for_short_tasks():
+    policy = DaskPolicy()
+    slots_unknown = policy.slots(_worker(1), 0.5)
+    slots_short = policy.slots(_worker(1), 0.0001)
+    assert slots_unknown == 3  # ceil(1.1) + one extra
+    assert 100 < slots_short <= 2 + 256
+    unbounded = DaskPolicy(PolicyConfig(worker_saturation=float("inf")))
+    assert not unbounded.queuing
+
+
+def _worker(nthreads: int) -> WorkerInfo:
+    return WorkerInfo(WorkerAdded(0, nthreads))
+
+
+def test_simulator_accepts_a_dask_collection():
+    da = pytest.importorskip("dask.array")
+    x = da.ones((40, 40), chunks=(10, 10))
+    graph = graphs.graph_from_collection((x + x.T).sum(), name="array")
+    result = run(graph, "dask", ClusterSpec(n_workers=2))
+    assert result.executed == len(graph)
