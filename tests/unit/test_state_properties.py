@@ -8,6 +8,7 @@ from harness import Harness
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dsched.policy.protocol import Steal
 from dsched.state import events as ev
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,6 +41,15 @@ actions = st.one_of(
     st.tuples(st.just("stale-result"), st.integers(0, 50)),
     st.tuples(st.just("leave"), st.sampled_from(CLIENTS)),
     st.tuples(st.just("retry"), st.sampled_from(CLIENTS)),
+    st.tuples(st.just("steal"), st.integers(0, 50), st.sampled_from(WORKERS)),
+    st.tuples(
+        st.just("steal-response"),
+        st.integers(0, 50),
+        st.sampled_from(["ready", "waiting", "executing", "memory", "released", None]),
+        st.booleans(),  # stale: answer with a stimulus_id that was never sent
+    ),
+    st.tuples(st.just("retire"), st.sampled_from(WORKERS), st.booleans()),
+    st.tuples(st.just("restart")),
 )
 
 
@@ -108,6 +118,27 @@ def test_random_histories_keep_invariants_and_settle(graphs, script, allowed_fai
             wanted[action[1]].clear()
         elif kind == "retry" and wanted[action[1]]:
             h.step(ev.RetryKeys(action[1], sorted(wanted[action[1]])))
+        elif kind == "steal" and running:
+            ts = h.state.tasks[running[action[1] % len(running)]]
+            thief = h.state.workers.get(action[2])
+            h.step(ev.PolicyDecisions([Steal(ts.id, thief.id if thief else 99)]))
+        elif kind == "steal-response" and h.state.steals:
+            pending = sorted(h.state.steals.items(), key=lambda item: item[1][0])
+            ts, (stimulus_id, _) = pending[action[1] % len(pending)]
+            if action[3]:
+                stimulus_id = "steal-stale"
+            h.step(ev.StealResponse(ts.processing_on.address, ts.key, action[2], stimulus_id))
+        elif kind == "retire" and action[1] in h.state.workers:
+            out = h.step(ev.RetireWorkers([action[1]]))
+            for address, msg in out.messages("acquire-replicas"):
+                h.step(ev.AddKeys(address, list(msg["who_has"])))  # the fetch succeeded
+            if action[2]:  # the retirement completes: the worker leaves, as expected
+                h.step(ev.WorkerDisconnected(action[1], expected=True))
+        elif kind == "restart":
+            h.step(ev.Restart())
+            assert h.state.tasks == {}
+            for keys in wanted.values():
+                keys.clear()
 
     # Settle: make sure a worker runs, then finish everything.
     for address in WORKERS:

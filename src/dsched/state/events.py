@@ -198,6 +198,35 @@ class Reschedule:
     key: Key
 
 
+@dataclass(frozen=True, slots=True)
+class StealResponse:
+    """The victim's answer to a ``steal-request``: its local state of the task."""
+
+    worker: str
+    key: Key
+    state: str | None
+    stimulus_id: str
+
+
+# ----------------------------------------------------------------------------- cluster-wide
+@dataclass(frozen=True, slots=True)
+class Restart:
+    """``restart``: every client lets go of every key; clients are told to reset."""
+
+    stimulus_id: str = "restart"
+
+
+@dataclass(frozen=True, slots=True)
+class RetireWorkers:
+    """Start (or keep) retiring these workers: no new tasks for them, and every key whose
+    only replicas are on them is copied to another running worker (``acquire-replicas``).
+    Idempotent; the reactor repeats it until ``SchedulerState.unique_keys_on`` is empty and
+    then removes the workers (``WorkerDisconnected(expected=True)``)."""
+
+    addresses: Sequence[str]
+    stimulus_id: str = "retire-workers"
+
+
 # ----------------------------------------------------------------------------- policy
 @dataclass(frozen=True, slots=True)
 class PolicyDecisions:
@@ -225,5 +254,8 @@ Event = (
     | RequestRefreshWhoHas
     | LongRunning
     | Reschedule
+    | StealResponse
+    | Restart
+    | RetireWorkers
     | PolicyDecisions
 )

@@ -45,6 +45,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from dask.utils import key_split
+
 from dsched.policy import protocol as policy
 from dsched.state import events as ev
 from dsched.state.outbox import Outbox
@@ -64,6 +66,11 @@ FORGOTTEN = "forgotten"
 ACTIVE = frozenset({WAITING, READY, NO_WORKER, PROCESSING})
 # States that expect every input in memory.
 RUNNABLE = frozenset({READY, NO_WORKER, PROCESSING})
+# A victim's answer to steal-request: it gave the task up / it never had it (distributed's
+# stealing.py _WORKER_STATE_CONFIRM / _WORKER_STATE_UNDEFINED); any other state means it
+# had already started the task, which stays.
+STEAL_CONFIRM_STATES = frozenset({"ready", "constrained", "waiting"})
+STEAL_UNDEFINED_STATES = frozenset({"released", None})
 
 FIRE_AND_FORGET = "fire-and-forget"
 
@@ -86,6 +93,7 @@ class TaskState:
         "long_running",
         "loose_restrictions",
         "nbytes",
+        "prefix",
         "priority",
         "processing_on",
         "resource_restrictions",
@@ -119,6 +127,7 @@ class TaskState:
         self.long_running = False
         self.run_id: int | None = None
         self.priority: tuple[float, ...] = (0, 0, 0)
+        self.prefix = ""  # key_split(key): the policy's duration group, set on creation
         self.nbytes = 0
         self.type: object = None
         self.retries = 0
@@ -211,6 +220,9 @@ class SchedulerState:
         self._last_graph_time = float("-inf")
         self._stimulus_id = ""
         self._now = 0.0
+        # Work stealing: processing task -> (steal-request stimulus_id, thief worker id).
+        self.steals: dict[TaskState, tuple[str, int]] = {}
+        self._next_steal_id = 0
         self._handlers: dict[type, Callable[[Any, Outbox], None]] = {
             ev.ClientConnected: self._client_connected,
             ev.ClientDisconnected: self._client_disconnected,
@@ -233,6 +245,9 @@ class SchedulerState:
             ev.LongRunning: self._long_running,
             ev.Reschedule: self._reschedule,
             ev.PolicyDecisions: self._policy_decisions,
+            ev.StealResponse: self._steal_response,
+            ev.Restart: self._restart,
+            ev.RetireWorkers: self._retire_workers,
         }
         self._transitions: dict[
             tuple[str, str], Callable[[TaskState, dict[TaskState, str], Outbox], None]
@@ -364,7 +379,7 @@ class SchedulerState:
             )
         resources = tuple(ts.resource_restrictions.items()) if ts.resource_restrictions else ()
         return policy.TaskReady(
-            ts.id, ts.priority, inputs, allowed, ts.loose_restrictions, resources
+            ts.id, ts.priority, inputs, allowed, ts.loose_restrictions, resources, ts.prefix
         )
 
     def _waiting_released(self, ts: TaskState, recs: dict[TaskState, str], out: Outbox) -> None:
@@ -398,12 +413,13 @@ class SchedulerState:
 
     def _erred_forgotten(self, ts: TaskState, recs: dict[TaskState, str], out: Outbox) -> None:
         self._forget_error(ts, out)
-        self._forget(ts, recs)
+        self._forget(ts, recs, out)
 
     def _released_forgotten(self, ts: TaskState, recs: dict[TaskState, str], out: Outbox) -> None:
-        self._forget(ts, recs)
+        self._forget(ts, recs, out)
 
-    def _forget(self, ts: TaskState, recs: dict[TaskState, str]) -> None:
+    def _forget(self, ts: TaskState, recs: dict[TaskState, str], out: Outbox) -> None:
+        out.policy.append(policy.TaskForgotten(ts.id))
         for dts in ts.dependencies:
             dts.dependents.discard(ts)
             dts.waiters.discard(ts)
@@ -504,15 +520,24 @@ class SchedulerState:
         )
 
     def _stop_processing(
-        self, ts: TaskState, out: Outbox, duration: float | None = None
+        self,
+        ts: TaskState,
+        out: Outbox,
+        duration: float | None = None,
+        nbytes: int | None = None,
     ) -> WorkerState:
         ws = ts.processing_on
         assert ws is not None
         ws.processing.discard(ts)
         ts.processing_on = None
         if not ts.long_running:
-            out.policy.append(policy.TaskDone(ts.id, ws.id, duration))
+            out.policy.append(policy.TaskDone(ts.id, ws.id, duration, nbytes))
         ts.long_running = False
+        steal = self.steals.pop(ts, None)
+        if steal is not None:
+            # The task left its worker while a steal was in flight: the steal is void, and
+            # the victim's late steal-response will not match anything.
+            out.policy.append(policy.StealResult(ts.id, ws.id, steal[1], stolen=False))
         return ws
 
     def _add_replica(self, ts: TaskState, ws: WorkerState) -> None:
@@ -647,6 +672,11 @@ class SchedulerState:
                 dts = tasks[dep]
                 ts.dependencies.add(dts)
                 dts.dependents.add(ts)
+            out.policy.append(
+                policy.TaskAdded(
+                    ts.id, ts.priority, tuple(dts.id for dts in ts.dependencies), ts.prefix
+                )
+            )
         recs: dict[TaskState, str] = {}
         wanted = [tasks[key] for key in event.keys]
         for ts in wanted:
@@ -676,6 +706,7 @@ class SchedulerState:
 
     def _new_task(self, key: Key, run_spec: object, annotations: Any) -> TaskState:
         ts = TaskState(key, self._next_task_id, run_spec, annotations)
+        ts.prefix = key_split(key)
         self._next_task_id += 1
         self.tasks[key] = ts
         self._tasks_by_id[ts.id] = ts
@@ -776,6 +807,7 @@ class SchedulerState:
             ts = self.tasks.get(key)
             if ts is None:
                 ts = self._new_task(key, None, {})
+                out.policy.append(policy.TaskAdded(ts.id, ts.priority, (), ts.prefix))
             elif ts.state not in (RELEASED, MEMORY):
                 out.log("warning", f"ignoring data placed for {key!r}: it is {ts.state}")
                 continue
@@ -905,7 +937,7 @@ class SchedulerState:
         recs: dict[TaskState, str],
         out: Outbox,
     ) -> None:
-        self._stop_processing(ts, out, event.duration)
+        self._stop_processing(ts, out, event.duration, event.nbytes)
         ts.state = MEMORY
         ts.nbytes = event.nbytes
         ts.type = event.type
@@ -1006,7 +1038,9 @@ class SchedulerState:
         recs: dict[TaskState, str] = {}
         for decision in event.decisions:
             ts = self._tasks_by_id.get(decision.task)
-            if isinstance(decision, policy.Assignment):
+            if isinstance(decision, policy.Steal):
+                self._request_steal(decision, ts, out)
+            elif isinstance(decision, policy.Assignment):
                 ws = self._workers_by_id.get(decision.worker)
                 if ts is None or ts.state != READY or ws is None or ws.status != "running":
                     # Stale: give the policy its load back and offer the task again.
@@ -1019,6 +1053,123 @@ class SchedulerState:
                 ts.state = NO_WORKER
                 self.no_worker.add(ts)
         self._run(recs, out)
+
+    # ------------------------------------------------------------------ work stealing
+    def _request_steal(self, steal: policy.Steal, ts: TaskState | None, out: Outbox) -> None:
+        victim = ts.processing_on if ts is not None else None
+        thief = self._workers_by_id.get(steal.worker)
+        if (
+            ts is None
+            or victim is None
+            or ts.long_running
+            or ts in self.steals
+            or thief is None
+            or thief is victim
+            or thief.status != "running"
+        ):
+            victim_id = victim.id if victim is not None else -1
+            out.policy.append(policy.StealResult(steal.task, victim_id, steal.worker, False))
+            return
+        stimulus_id = f"steal-{self._next_steal_id}"
+        self._next_steal_id += 1
+        self.steals[ts] = (stimulus_id, thief.id)
+        out.send_worker(
+            victim.address, {"op": "steal-request", "key": ts.key, "stimulus_id": stimulus_id}
+        )
+
+    def _steal_response(self, event: ev.StealResponse, out: Outbox) -> None:
+        ts = self.tasks.get(event.key)
+        steal = self.steals.get(ts) if ts is not None else None
+        if ts is None or steal is None or steal[0] != event.stimulus_id:
+            return  # stale: the steal was voided when the task left its worker
+        victim = ts.processing_on
+        assert victim is not None
+        if victim.address != event.worker:
+            return  # only the victim answers a steal-request
+        del self.steals[ts]
+        thief = self._workers_by_id.get(steal[1])
+        if event.state in STEAL_CONFIRM_STATES and thief is not None and thief.status == "running":
+            self._stop_processing(ts, out)
+            self._start_processing(ts, thief, out)
+            out.policy.append(policy.StealResult(ts.id, victim.id, thief.id, stolen=True))
+            return
+        out.policy.append(policy.StealResult(ts.id, victim.id, steal[1], stolen=False))
+        if event.state in STEAL_CONFIRM_STATES or event.state in STEAL_UNDEFINED_STATES:
+            # The victim let go of the task (or never had it) and the thief cannot take it:
+            # start over, which offers the task to the policy again.
+            recs: dict[TaskState, str] = {ts: WAITING}
+            self._run(recs, out)
+
+    # ------------------------------------------------------------------ cluster-wide
+    def _restart(self, event: ev.Restart, out: Outbox) -> None:
+        """Every client (pseudo-clients too) releases every key; clients reset their futures.
+        With no interest left every task is released (running ones freed on their workers)
+        and forgotten."""
+        recs: dict[TaskState, str] = {}
+        for cs in self.clients.values():
+            for ts in cs.wants:
+                ts.who_wants.discard(cs)
+                self._release_if_unneeded(ts, recs)
+            cs.wants.clear()
+        self._run(recs, out)
+        for cs in self.clients.values():
+            out.send_client(cs.id, {"op": "restart"})
+
+    def _retire_workers(self, event: ev.RetireWorkers, out: Outbox) -> None:
+        retiring = {self.workers[a] for a in event.addresses if a in self.workers}
+        for ws in retiring:
+            if ws.status != "closing_gracefully":
+                if ws.status == "running":
+                    out.policy.append(policy.WorkerStatus(ws.id, False))
+                ws.status = "closing_gracefully"
+                out.send_worker(
+                    ws.address,
+                    {
+                        "op": "worker-status-change",
+                        "status": "closing_gracefully",
+                        "stimulus_id": event.stimulus_id,
+                    },
+                )
+        recipients = sorted(
+            (ws for ws in self.workers.values() if ws.status == "running"),
+            key=lambda ws: (len(ws.has_what), ws.id),
+        )
+        if not recipients:
+            out.log("warning", "no running worker left to take the retiring workers' data")
+            return
+        # Round-robin over the least loaded recipients; one acquire-replicas per recipient.
+        requests: dict[WorkerState, tuple[dict[Key, list[str]], dict[Key, int]]] = {}
+        for i, ts in enumerate(self._unique_tasks_on(retiring)):
+            target = recipients[i % len(recipients)]
+            who_has, nbytes = requests.setdefault(target, ({}, {}))
+            who_has[ts.key] = [ws.address for ws in ts.who_has]
+            nbytes[ts.key] = ts.nbytes
+        for target, (who_has, nbytes) in requests.items():
+            out.send_worker(
+                target.address,
+                {
+                    "op": "acquire-replicas",
+                    "who_has": who_has,
+                    "nbytes": nbytes,
+                    "stimulus_id": event.stimulus_id,
+                },
+            )
+
+    @staticmethod
+    def _unique_tasks_on(workers: set[WorkerState]) -> list[TaskState]:
+        seen: set[TaskState] = set()
+        unique = []
+        for ws in workers:
+            for ts in ws.has_what:
+                if ts not in seen and ts.who_has <= workers:
+                    seen.add(ts)
+                    unique.append(ts)
+        return unique
+
+    def unique_keys_on(self, addresses: Iterable[str]) -> list[Key]:
+        """Keys in memory only on these workers (what retiring them would lose)."""
+        workers = {self.workers[a] for a in addresses if a in self.workers}
+        return [ts.key for ts in self._unique_tasks_on(workers)]
 
     # ------------------------------------------------------------------ invariants
     def validate(self) -> None:
@@ -1069,6 +1220,13 @@ class SchedulerState:
             for ts in ws.has_what:
                 assert ws in ts.who_has and self.tasks.get(ts.key) is ts, (ws, ts)
         assert len(self._workers_by_id) == len(self.workers)
+        steal_ids = set()
+        for ts, (stimulus_id, thief_id) in self.steals.items():
+            assert self.tasks.get(ts.key) is ts, ts
+            assert ts.state == PROCESSING and ts.processing_on is not None, ts
+            assert ts.processing_on.id != thief_id, (ts, thief_id)
+            assert stimulus_id.startswith("steal-") and stimulus_id not in steal_ids, ts
+            steal_ids.add(stimulus_id)
         for client_id, cs in self.clients.items():
             assert cs.id == client_id, cs
             for ts in cs.wants:
