@@ -36,6 +36,7 @@ class _AddressState:
 
     slots: asyncio.Semaphore
     idle: list[Comm] = field(default_factory=list)
+    lent: set[Comm] = field(default_factory=set)
     users: int = 0  # callers holding or waiting for a comm; the state is dropped at 0
 
 
@@ -92,12 +93,14 @@ class ConnectionPool:
                     comm = await connect(address, timeout=self._connect_timeout)
                     comm.name = f"pool->{address}"
                 self._lent.add(comm)
+                state.lent.add(comm)
                 completed = False
                 try:
                     yield comm
                     completed = True
                 finally:
                     self._lent.discard(comm)
+                    state.lent.discard(comm)
                     if completed and not comm.closed and not self._closed:
                         state.idle.append(comm)
                     else:
@@ -109,11 +112,13 @@ class ConnectionPool:
                 self._addresses.pop(address, None)
 
     def discard(self, address: str) -> None:
-        """Abort the idle comms to ``address`` (e.g. the worker there has gone)."""
+        """Abort every comm to ``address``, idle or lent (e.g. the worker there has gone, or
+        stopped answering): a conversation in progress fails with CommClosedError at once
+        instead of waiting on a peer that will never reply."""
         state = self._addresses.get(address)
         if state is None:
             return
-        for comm in state.idle:
+        for comm in [*state.idle, *state.lent]:
             comm.abort()
         state.idle.clear()
         if state.users == 0:

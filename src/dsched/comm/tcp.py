@@ -46,6 +46,7 @@ from dsched.wire import (
     encode_frames,
     loads,
 )
+from dsched.wire.framing import DEFAULT_MAX_MESSAGE_BYTES
 
 __all__ = [
     "Comm",
@@ -137,12 +138,17 @@ class Comm(asyncio.Protocol):
     Created by ``connect`` and ``listen``; not meant to be constructed directly.
     """
 
-    def __init__(self, on_connected: Callable[[Comm], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_connected: Callable[[Comm], None] | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
         self.name = ""  # set by the owner, for logs
         self.remote_handshake: dict[Any, Any] = {}
         self._on_connected = on_connected
         self._transport: asyncio.Transport | None = None
-        self._decoder = FrameDecoder()
+        # A peer announcing a message above the cap is cut off before we buffer any of it.
+        self._decoder = FrameDecoder(max_message_bytes=max_message_bytes)
         self._inbox: deque[object] = deque()
         self._read_waiter: asyncio.Future[None] | None = None
         self._end: BaseException | None = None  # raised by read() once the inbox is empty
@@ -390,9 +396,13 @@ class Listener:
     """Accepts connections, handshakes each, and runs ``on_comm(comm)`` for it as a task."""
 
     def __init__(
-        self, on_comm: Callable[[Comm], Awaitable[None]], handshake_timeout: float
+        self,
+        on_comm: Callable[[Comm], Awaitable[None]],
+        handshake_timeout: float,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self._on_comm = on_comm
+        self._max_message_bytes = max_message_bytes
         self._handshake_timeout = handshake_timeout
         self._server: asyncio.Server | None = None
         self._handshaking: set[Comm] = set()
@@ -425,7 +435,7 @@ class Listener:
         self._address = format_address(_concrete_host(str(host)), self._port)
 
     def _make_comm(self) -> Comm:
-        return Comm(on_connected=self._start_serving)
+        return Comm(on_connected=self._start_serving, max_message_bytes=self._max_message_bytes)
 
     def _start_serving(self, comm: Comm) -> None:
         task = asyncio.get_running_loop().create_task(self._serve(comm))
@@ -458,9 +468,13 @@ async def listen(
     port: int,
     on_comm: Callable[[Comm], Awaitable[None]],
     handshake_timeout: float = 10.0,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> Listener:
-    """Listen on ``host:port`` (port 0 picks a free one); see ``Listener``."""
-    listener = Listener(on_comm, handshake_timeout)
+    """Listen on ``host:port`` (port 0 picks a free one); see ``Listener``.
+
+    Every accepted comm rejects messages larger than ``max_message_bytes``.
+    """
+    listener = Listener(on_comm, handshake_timeout, max_message_bytes)
     server = await asyncio.get_running_loop().create_server(listener._make_comm, host, port)
     listener._bind(server)
     return listener

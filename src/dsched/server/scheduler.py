@@ -46,6 +46,7 @@ from dsched.server.errors import error_reply, killed_worker, pickled_exception
 from dsched.state import events as ev
 from dsched.state.machine import PROCESSING, SchedulerState
 from dsched.state.outbox import Outbox
+from dsched.trace import TraceRecorder
 from dsched.wire import ProtocolError
 
 logger = logging.getLogger("dsched.scheduler")
@@ -59,6 +60,84 @@ def heartbeat_interval(n_workers: int) -> float:
         if n_workers <= limit:
             return interval
     return n_workers / 200 + 1
+
+
+# The largest message a peer may send (frames and header together). Dask has no such cap;
+# dsched cuts off a peer announcing more before buffering any of it. Set with the Dask
+# config key ``dsched.max-message-size`` (environment: DASK_DSCHED__MAX_MESSAGE_SIZE=64MiB)
+# or ``dsched scheduler --max-message-size 64MiB``.
+MAX_MESSAGE_SIZE_KEY = "dsched.max-message-size"
+DEFAULT_MAX_MESSAGE_SIZE = "2GiB"
+
+
+def max_message_size_from_config() -> int:
+    from dask.utils import parse_bytes
+
+    return int(parse_bytes(dask.config.get(MAX_MESSAGE_SIZE_KEY, DEFAULT_MAX_MESSAGE_SIZE)))
+
+
+def _key(value: Any) -> Any:
+    """A Dask key off the wire (str, bytes, int, float, or tuples of those), else ValueError.
+
+    Checked at the edge so that a peer's garbage never reaches the state machine, where an
+    unhashable "key" could fail half-way through a step.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, tuple):
+            stack.extend(item)
+        elif not isinstance(item, str | bytes | int | float):
+            raise ValueError(f"not a valid key: {value!r:.200}")
+    return value
+
+
+def _keys(value: Any) -> list[Any]:
+    if not isinstance(value, list | tuple | set | frozenset):
+        raise ValueError(f"expected a list of keys, got {value!r:.200}")
+    return [_key(k) for k in value]
+
+
+def _registration_problem(request: dict[str, Any]) -> str | None:
+    """What is wrong with a register-worker request's fields, or None if they are usable."""
+    address = request.get("address")
+    if not isinstance(address, str) or "://" not in address:
+        return f"register-worker needs an address like tcp://host:port, got {address!r:.100}"
+    nthreads = request.get("nthreads", 1)
+    if nthreads is not None and (not isinstance(nthreads, int) or nthreads < 0):
+        return f"nthreads must be a non-negative int, got {nthreads!r:.100}"
+    memory_limit = request.get("memory_limit")
+    if memory_limit is not None and not isinstance(memory_limit, int | float):
+        return f"memory_limit must be a number, got {memory_limit!r:.100}"
+    resources = request.get("resources") or {}
+    if not isinstance(resources, dict) or not all(
+        isinstance(k, str) and isinstance(v, int | float) for k, v in resources.items()
+    ):
+        return f"resources must map names to numbers, got {resources!r:.100}"
+    name = request.get("name")
+    if name is not None and not isinstance(name, str | int | float):
+        return f"name must be a string or number, got {name!r:.100}"
+    status = request.get("status")
+    if status is not None and not isinstance(status, str):
+        return f"status must be a string, got {status!r:.100}"
+    return None
+
+
+def _client_id(msg: dict[str, Any], default: str) -> str:
+    """The client a stream message speaks for: the stream's, or a pseudo-client it names."""
+    client = msg.get("client", default)
+    if not isinstance(client, str):
+        raise ValueError(f"client must be a string, got {client!r:.200}")
+    return client
+
+
+def _rss_bytes() -> int:
+    """This process's resident set size (for soak reports); 0 if unknown."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def compute_duration(startstops: Iterable[Any]) -> float | None:
@@ -94,7 +173,15 @@ class Scheduler:
         idle_timeout: float | None = None,
         worker_ttl: float | None = None,
         validate: bool = False,
+        max_message_bytes: int | None = None,
     ) -> None:
+        if max_message_bytes is None:
+            max_message_bytes = max_message_size_from_config()
+        # A peer must complete its handshake within distributed.comm.timeouts.connect.
+        self.handshake_timeout = float(
+            parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"))
+        )
+        self.max_message_bytes = max_message_bytes
         if allowed_failures is None:
             allowed_failures = int(dask.config.get("distributed.scheduler.allowed-failures"))
         if worker_ttl is None:
@@ -107,6 +194,8 @@ class Scheduler:
         self.idle_timeout = idle_timeout
         self.worker_ttl = worker_ttl
         self.validate = validate
+        # Per-task trace recorder (dsched.trace), set by `dsched scheduler --trace FILE`.
+        self.trace: TraceRecorder | None = None
         self.id = f"Scheduler-{uuid.uuid4()}"
         self.started = time.time()
         self.workers: dict[str, WorkerRecord] = {}
@@ -121,6 +210,8 @@ class Scheduler:
         self._background: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
         self._last_activity = time.time()
+        self._restarts = 0  # graphs whose intake straddles a restart are dropped
+        self._restarting = False
         self.rpc_handlers: dict[str, Callable[..., Any]] = {
             "identity": self.identity,
             "register_nanny": self.register_nanny,
@@ -142,6 +233,8 @@ class Scheduler:
             "events": self.get_events,
             "versions": self.versions,
             "terminate": self.terminate,
+            "restart": self.restart,
+            "retire_workers": self.retire_workers,
             "dsched_info": self.dsched_info,
         }
         self.client_stream_handlers: dict[str, Callable[[str, dict[str, Any]], None]] = {
@@ -166,8 +259,7 @@ class Scheduler:
             "worker-status-change": self._worker_status_change,
             "log-event": self._log_event_stream,
             "keep-alive": lambda worker, msg: None,
-            # dsched never sends steal-request; a late response has nothing to act on.
-            "steal-response": lambda worker, msg: None,
+            "steal-response": self._steal_response,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -177,7 +269,13 @@ class Scheduler:
         return self._listener.address
 
     async def start(self) -> None:
-        self._listener = await listen(self.host, self.port, self._on_comm)
+        self._listener = await listen(
+            self.host,
+            self.port,
+            self._on_comm,
+            handshake_timeout=self.handshake_timeout,
+            max_message_bytes=self.max_message_bytes,
+        )
         self._spawn(self._watchdog())
         logger.info("dsched %s scheduler at %s", dsched.__version__, self.address)
 
@@ -189,13 +287,16 @@ class Scheduler:
             return
         logger.info("closing the scheduler: %s", reason)
         self._flush()
+        if self.trace is not None:
+            self.trace.close()
         for address, record in list(self.workers.items()):
             with contextlib.suppress(CommClosedError, OSError):
                 record.comm.write([{"op": "close", "reason": reason}, {"op": "close-stream"}])
             self.workers.pop(address, None)
         for comm in list(self.clients.values()):
-            with contextlib.suppress(CommClosedError, OSError):
-                comm.write([{"op": "stream-closed"}])
+            # Abort without a "stream-closed" message, as Dask does: on "stream-closed" a
+            # Client stops listening but stays "running" with its futures pending forever;
+            # a dropped connection makes it cancel them and try to reconnect.
             comm.abort()
         self.clients.clear()
         if self._listener is not None:
@@ -266,6 +367,8 @@ class Scheduler:
         while out.policy:
             policy_events, out.policy = out.policy, []
             decisions = self.policy.handle(policy_events, now)
+            if self.trace is not None:
+                self.trace.policy(policy_events, decisions, now)
             if decisions:
                 out.merge(self.state.handle(ev.PolicyDecisions(decisions), now))
                 if self.validate:
@@ -280,7 +383,12 @@ class Scheduler:
             comm = self.clients.get(client)
             if comm is not None:
                 self._write(comm, msgs)
+        if self.trace is not None:
+            self.trace.outbox(out, time.time())
         for address in out.close_workers:
+            # In-flight RPCs to a removed worker (a gather from a frozen worker, say) fail
+            # now rather than hang: gather then tries other holders or reports the keys lost.
+            self.pool.discard(address)
             record = self.workers.pop(address, None)
             if record is not None:
                 self._write(record.comm, [{"op": "close", "reason": "scheduler-remove-worker"}])
@@ -428,6 +536,8 @@ class Scheduler:
 
     async def _update_graph(self, client: str, msg: dict[str, Any]) -> None:
         keys = list(msg.get("keys") or ())
+        arrived = time.time()
+        restarts_before = self._restarts
         loop = asyncio.get_running_loop()
         try:
             intake = await loop.run_in_executor(self._intake, intake_update_graph, msg)
@@ -440,6 +550,13 @@ class Scheduler:
             self._handle(ev.GraphFailed(client, keys, pickled_exception(exc), None))
             return
         fifo_timeout = msg.get("fifo_timeout", 0)
+        if self._restarting or self._restarts != restarts_before:
+            # A restart overtook this graph (the RPC travels on another comm, and the stream
+            # batches for up to 10 ms; the client blocks in restart() until it returns, so a
+            # graph arriving meanwhile was sent before it): the client has cancelled these
+            # futures and forgotten them, so nobody would ever release them.
+            logger.info("dropping a graph from %s submitted before a restart", client)
+            return
         self._handle(
             ev.GraphReceived(
                 client,
@@ -451,18 +568,20 @@ class Scheduler:
                 submitting_task=msg.get("submitting_task"),
             )
         )
+        if self.trace is not None:
+            self.trace.graph(client, intake.tasks, arrived, time.time())
 
     def _client_desires_keys(self, client: str, msg: dict[str, Any]) -> None:
-        self._handle(ev.ClientDesiresKeys(msg.get("client", client), list(msg["keys"])))
+        self._handle(ev.ClientDesiresKeys(_client_id(msg, client), _keys(msg["keys"])))
 
     def _client_releases_keys(self, client: str, msg: dict[str, Any]) -> None:
-        self._handle(ev.ClientReleasesKeys(msg.get("client", client), list(msg["keys"])))
+        self._handle(ev.ClientReleasesKeys(_client_id(msg, client), _keys(msg["keys"])))
 
     def _cancel_keys(self, client: str, msg: dict[str, Any]) -> None:
         self._handle(
             ev.CancelKeys(
-                msg.get("client", client),
-                list(msg["keys"]),
+                _client_id(msg, client),
+                _keys(msg["keys"]),
                 force=bool(msg.get("force")),
                 reason=msg.get("reason"),
                 msg=msg.get("msg"),
@@ -470,13 +589,13 @@ class Scheduler:
         )
 
     def _report_key(self, client: str, msg: dict[str, Any]) -> None:
-        self._handle(ev.ReportKey(msg.get("client", client), msg["key"]))
+        self._handle(ev.ReportKey(_client_id(msg, client), _key(msg["key"])))
 
     def _close_client(self, client: str, msg: dict[str, Any]) -> None:
         self._handle(ev.ClientDisconnected(client))
 
     def _update_data_stream(self, client: str, msg: dict[str, Any]) -> None:
-        self.update_data(msg["who_has"], msg.get("nbytes", {}), msg.get("client", client))
+        self.update_data(msg["who_has"], msg.get("nbytes", {}), _client_id(msg, client))
 
     def _subscribe_topic(self, client: str, msg: dict[str, Any]) -> None:
         self.subscriptions[str(msg["topic"])].add(client)
@@ -489,9 +608,14 @@ class Scheduler:
 
     # ------------------------------------------------------------------ workers
     async def _worker_stream(self, comm: Comm, request: dict[str, Any]) -> None:
+        now = time.time()
+        problem = _registration_problem(request)
+        if problem is not None:
+            logger.warning("rejecting register-worker from %s: %s", comm.peer_address, problem)
+            comm.write({"status": "error", "message": problem, "time": now})
+            return
         address = str(request["address"])
         comm.name = f"worker {address}"
-        now = time.time()
         name = request.get("name", address)
         taken = {str(r.info.get("name")) for r in self.workers.values()}
         if address in self.workers or str(name) in taken:
@@ -543,10 +667,12 @@ class Scheduler:
         self._handle(ev.WorkerDisconnected(address, expected=expected, stimulus_id=reason))
 
     def _task_finished(self, worker: str, msg: dict[str, Any]) -> None:
+        if self.trace is not None:
+            self.trace.task_finished(worker, msg, time.time())
         self._handle(
             ev.TaskFinished(
                 worker,
-                msg["key"],
+                _key(msg["key"]),
                 msg.get("run_id"),
                 int(msg.get("nbytes") or 0),
                 msg.get("type"),
@@ -555,10 +681,12 @@ class Scheduler:
         )
 
     def _task_erred(self, worker: str, msg: dict[str, Any]) -> None:
+        if self.trace is not None:
+            self.trace.task_erred(worker, msg, time.time())
         self._handle(
             ev.TaskErred(
                 worker,
-                msg["key"],
+                _key(msg["key"]),
                 msg.get("run_id"),
                 msg.get("exception"),
                 msg.get("traceback"),
@@ -568,19 +696,30 @@ class Scheduler:
         )
 
     def _release_worker_data(self, worker: str, msg: dict[str, Any]) -> None:
-        self._handle(ev.ReleaseWorkerData(worker, msg["key"]))
+        self._handle(ev.ReleaseWorkerData(worker, _key(msg["key"])))
 
     def _add_keys(self, worker: str, msg: dict[str, Any]) -> None:
-        self._handle(ev.AddKeys(worker, list(msg.get("keys", ()))))
+        self._handle(ev.AddKeys(worker, _keys(msg.get("keys", ()))))
 
     def _request_refresh_who_has(self, worker: str, msg: dict[str, Any]) -> None:
-        self._handle(ev.RequestRefreshWhoHas(worker, list(msg["keys"])))
+        self._handle(ev.RequestRefreshWhoHas(worker, _keys(msg["keys"])))
 
     def _long_running(self, worker: str, msg: dict[str, Any]) -> None:
-        self._handle(ev.LongRunning(worker, msg["key"], msg.get("run_id")))
+        self._handle(ev.LongRunning(worker, _key(msg["key"]), msg.get("run_id")))
 
     def _reschedule(self, worker: str, msg: dict[str, Any]) -> None:
-        self._handle(ev.Reschedule(msg.get("worker", worker), msg["key"]))
+        self._handle(ev.Reschedule(msg.get("worker", worker), _key(msg["key"])))
+
+    def _steal_response(self, worker: str, msg: dict[str, Any]) -> None:
+        state = msg.get("state")
+        self._handle(
+            ev.StealResponse(
+                worker,
+                _key(msg["key"]),
+                None if state is None else str(state),
+                str(msg.get("stimulus_id", "")),
+            )
+        )
 
     def _worker_status_change(self, worker: str, msg: dict[str, Any]) -> None:
         self._handle(ev.WorkerStatusChanged(worker, str(msg["status"])))
@@ -766,11 +905,13 @@ class Scheduler:
     def update_data(
         self, who_has: dict[Any, Any], nbytes: dict[Any, int], client: str | None = None, **_: Any
     ) -> None:
-        self._handle(
-            ev.DataPlaced(
-                client or "unknown-client", {k: list(v) for k, v in who_has.items()}, nbytes
-            )
-        )
+        if not isinstance(who_has, dict) or not isinstance(nbytes, dict):
+            raise ValueError("who_has and nbytes must be maps")
+        placed = {_key(k): [str(a) for a in _keys(v)] for k, v in who_has.items()}
+        sizes = {_key(k): int(v) for k, v in nbytes.items()}
+        if client is not None and not isinstance(client, str):
+            raise ValueError(f"client must be a string, got {client!r:.200}")
+        self._handle(ev.DataPlaced(client or "unknown-client", placed, sizes))
 
     def who_has(self, keys: Iterable[Any] | None = None) -> dict[Any, list[str]]:
         tasks = self.state.tasks
@@ -892,15 +1033,149 @@ class Scheduler:
         self._spawn(self.close(reason="terminate"))
         return "OK"
 
+    async def restart(
+        self,
+        timeout: float = 30,
+        wait_for_workers: bool = True,
+        stimulus_id: str | None = None,
+        **_: Any,
+    ) -> dict[str, str]:
+        """Forget every task, then restart every worker through its nanny (workers without
+        one are closed), as Dask's ``Scheduler.restart`` does."""
+        self._restarting = True
+        try:
+            return await self._restart_workers(timeout, wait_for_workers, stimulus_id)
+        finally:
+            self._restarting = False
+
+    async def _restart_workers(
+        self, timeout: float, wait_for_workers: bool, stimulus_id: str | None
+    ) -> dict[str, str]:
+        stimulus_id = stimulus_id or f"restart-{time.time()}"
+        timeout = float(parse_timedelta(timeout))
+        logger.info("restarting: releasing every key and every worker (%s)", stimulus_id)
+        self._restarts += 1
+        self._handle(ev.Restart(stimulus_id))
+        old = dict(self.workers)
+        n_workers = len(old)
+        results: dict[str, str] = {}
+        for address, record in old.items():
+            if not record.nanny:
+                logger.warning("worker %s has no nanny: closing it instead", address)
+                self._remove_worker(address, expected=True, reason=stimulus_id)
+                results[address] = "removed"
+
+        async def kill(address: str, nanny: str) -> None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.pool.rpc(nanny, {"op": "kill", "reason": stimulus_id})
+                results[address] = "OK"
+            except (OSError, CommClosedError, ProtocolError) as exc:  # TimeoutError too
+                logger.error("nanny %s did not restart its worker: %r", nanny, exc)
+                results[address] = "timed out"
+                self._remove_worker(address, expected=True, reason=stimulus_id)
+
+        await asyncio.gather(
+            *(kill(a, r.nanny) for a, r in old.items() if r.nanny and a not in results)
+        )
+        self.log_event("all", {"action": "restart-workers", "workers": list(old)})
+        if not wait_for_workers:
+            return results
+        deadline = time.time() + timeout
+        while (len(self.workers) < n_workers or old.keys() & self.workers.keys()) and (
+            time.time() < deadline
+        ):
+            await asyncio.sleep(0.05)
+        if len(self.workers) < n_workers:
+            raise TimeoutError(
+                f"Waited for {n_workers} worker(s) to reconnect after restarting but, after "
+                f"{timeout}s, {n_workers - len(self.workers)} have not returned."
+            )
+        return results
+
+    async def retire_workers(
+        self,
+        workers: Iterable[str] | None = None,
+        *,
+        names: Iterable[Any] | None = None,
+        close_workers: bool = True,
+        remove: bool = True,
+        stimulus_id: str | None = None,
+        n: int | None = None,
+        **_: Any,
+    ) -> dict[str, Any]:
+        """Move the data that only these workers hold to other workers, then close them.
+
+        The data moves the way Dask moves it: the scheduler asks a running worker to fetch
+        each key (``acquire-replicas``) and waits until the workers report the replicas
+        (``add-keys``). Without ``workers``/``names``/``n`` nothing is retired.
+        """
+        stimulus_id = stimulus_id or f"retire-workers-{time.time()}"
+        if names is not None:
+            wanted = {str(name) for name in names}
+            workers = [ws.address for ws in self.state.workers.values() if str(ws.name) in wanted]
+        elif workers is None and n:
+            workers = list(self.state.workers)[: int(n)]
+        addresses = [a for a in dict.fromkeys(workers or ()) if a in self.state.workers]
+        if not addresses:
+            return {}
+        others = [
+            ws for ws in self.state.workers.values()
+            if ws.address not in addresses and ws.status == "running"
+        ]  # fmt: skip
+        if not others and self.state.unique_keys_on(addresses):
+            logger.warning("not retiring %s: no other running worker for its data", addresses)
+            return {}
+        info = self.identity()["workers"]
+        retired = {a: info.get(a, {}) for a in addresses}
+        logger.info("retiring workers %s (%s)", addresses, stimulus_id)
+        deadline = time.time() + float(
+            parse_timedelta(dask.config.get("distributed.comm.timeouts.connect")) * 4
+        )
+        while True:
+            # Repeated: tasks still finishing on a retiring worker make new unique data,
+            # and a recipient may fail a fetch.
+            self._handle(ev.RetireWorkers(addresses, stimulus_id))
+            for _ in range(20):
+                await asyncio.sleep(0.05)
+                if not self.state.unique_keys_on(addresses):
+                    break
+            # Tasks still running there are rescheduled when the worker goes (an expected
+            # loss: it does not count towards KilledWorker).
+            pending = self.state.unique_keys_on(addresses)
+            if not pending:
+                break
+            if time.time() > deadline:
+                logger.warning(
+                    "retiring %s: %d keys still only there; they will be recomputed",
+                    addresses,
+                    len(pending),
+                )
+                break
+        if remove or close_workers:
+            for address in addresses:
+                self._remove_worker(address, expected=True, reason=stimulus_id)
+        return retired
+
     def dsched_info(self) -> dict[str, Any]:
         """dsched's own summary of its state (tests and tools use it)."""
         states: dict[str, int] = defaultdict(int)
         for ts in self.state.tasks.values():
             states[ts.state] += 1
+        # Check every invariant once, on demand (tests ask this after injecting faults).
+        try:
+            self.state.validate()
+            valid, invalid_reason = True, ""
+        except AssertionError as exc:
+            logger.error("validate() failed: %r", exc)
+            valid, invalid_reason = False, repr(exc)[:2000]
         return {
             "tasks": len(self.state.tasks),
             "clients": len(self.clients),
             "workers": len(self.state.workers),
             "states": dict(states),
             "version": dsched.__version__,
+            "valid": valid,
+            "invalid_reason": invalid_reason,
+            "rss": _rss_bytes(),
         }

@@ -49,6 +49,9 @@ def scheduler_command(kind: str, scheduler_file: Path, extra_args: Sequence[str]
         program = ["distributed.cli.dask_scheduler"]
     elif kind == "dsched":
         program = ["dsched", "scheduler"]
+    elif kind.startswith("dsched:"):
+        # "dsched:<policy>": dsched with a non-default placement policy.
+        program = ["dsched", "scheduler", "--policy", kind.partition(":")[2]]
     else:
         raise ValueError(f"unknown scheduler kind {kind!r}; expected one of {SCHEDULER_KINDS}")
     return [
@@ -64,6 +67,11 @@ def scheduler_command(kind: str, scheduler_file: Path, extra_args: Sequence[str]
         str(scheduler_file),
         *extra_args,
     ]
+
+
+def is_scheduler_kind(kind: str) -> bool:
+    """One of SCHEDULER_KINDS, or "dsched:<policy>" (dsched started with --policy <policy>)."""
+    return kind in SCHEDULER_KINDS or (kind.startswith("dsched:") and len(kind) > len("dsched:"))
 
 
 def scheduler_environment_overrides(kind: str) -> dict[str, str]:
@@ -181,6 +189,14 @@ class ProcessCluster:
     # Directories the scheduler and workers must be able to import from, e.g. the directory of a
     # test module whose functions are pickled by reference into tasks.
     extra_pythonpath: Sequence[str | os.PathLike[str]] = ()
+    # Extra environment for the scheduler process only, e.g. Dask config such as
+    # DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL (applied after the scheduler kind's overrides).
+    scheduler_env: Mapping[str, str] = field(default_factory=dict)
+    # "dask": n_workers `dask worker` processes. "zero": n_workers simulated workers
+    # (`dsched zero-worker`, which completes every task at once) spread over
+    # zero_processes processes.
+    worker_kind: str = "dask"
+    zero_processes: int = 1
     startup_timeout: float = 60.0
     stop_timeout: float = 15.0
 
@@ -190,10 +206,12 @@ class ProcessCluster:
     _workdir: Path | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        if self.scheduler_kind not in SCHEDULER_KINDS:
+        if not is_scheduler_kind(self.scheduler_kind):
             raise ValueError(
                 f"unknown scheduler kind {self.scheduler_kind!r}; expected one of {SCHEDULER_KINDS}"
             )
+        if self.worker_kind not in ("dask", "zero"):
+            raise ValueError(f"unknown worker kind {self.worker_kind!r}; expected dask or zero")
 
     def __enter__(self) -> ProcessCluster:
         self.start()
@@ -252,7 +270,9 @@ class ProcessCluster:
             f"{self.scheduler_kind} scheduler",
             scheduler_command(self.scheduler_kind, scheduler_file, self.scheduler_args),
             self._workdir / "scheduler.log",
-            self._environment(scheduler_environment_overrides(self.scheduler_kind)),
+            self._environment(
+                {**scheduler_environment_overrides(self.scheduler_kind), **self.scheduler_env}
+            ),
         )
         while True:
             address = read_scheduler_address(scheduler_file)
@@ -272,24 +292,58 @@ class ProcessCluster:
             time.sleep(_POLL_INTERVAL_S)
 
     def _start_workers(self, address: str) -> None:
+        if self.worker_kind == "zero":
+            self._start_zero_workers(address)
+            return
+        for _ in range(self.n_workers):
+            self.add_worker()
+
+    def _start_zero_workers(self, address: str) -> None:
         assert self._workdir is not None
-        env = self._environment()
-        for index in range(self.n_workers):
-            local_directory = self._workdir / f"worker-{index}"
-            local_directory.mkdir()
+        processes = max(1, min(self.zero_processes, self.n_workers))
+        for index in range(processes):
+            count = self.n_workers // processes + (index < self.n_workers % processes)
+            command = [
+                sys.executable,
+                "-m",
+                "dsched",
+                "zero-worker",
+                address,
+                "--count",
+                str(count),
+                "--nthreads",
+                str(self.threads_per_worker),
+                "--name-prefix",
+                f"zero-{index}",
+            ]
             self.workers.append(
                 ManagedProcess.start(
-                    f"worker {index}",
-                    worker_command(
-                        address,
-                        local_directory,
-                        nthreads=self.threads_per_worker,
-                        nanny=self.nanny,
-                    ),
-                    self._workdir / f"worker-{index}.log",
-                    env,
+                    f"zero-worker {index}",
+                    command,
+                    self._workdir / f"zero-worker-{index}.log",
+                    self._environment(),
                 )
             )
+
+    def add_worker(self) -> ManagedProcess:
+        """Start one more `dask worker` (e.g. to replace a killed one); does not wait for it."""
+        assert self._workdir is not None and self.address is not None, "start() the cluster first"
+        index = len(self.workers)
+        local_directory = self._workdir / f"worker-{index}"
+        local_directory.mkdir()
+        worker = ManagedProcess.start(
+            f"worker {index}",
+            worker_command(
+                self.address,
+                local_directory,
+                nthreads=self.threads_per_worker,
+                nanny=self.nanny,
+            ),
+            self._workdir / f"worker-{index}.log",
+            self._environment(),
+        )
+        self.workers.append(worker)
+        return worker
 
     def _wait_for_workers(self, address: str, deadline: float) -> None:
         remaining = max(deadline - time.monotonic(), 1.0)

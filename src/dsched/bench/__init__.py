@@ -1,0 +1,1 @@
+"""``dsched bench``: side-by-side benchmarks of dsched and ``dask scheduler``."""
