@@ -26,6 +26,8 @@ import pytest
 from dask import delayed
 from distributed import Client, fire_and_forget, wait
 
+from dsched.testing.workloads import inc, merge_all, times_ten
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 # The `wait_until` fixture: poll a condition until true, fail with a description on timeout.
@@ -36,18 +38,6 @@ RESULT_TIMEOUT_S = 90
 # How long a blocking task waits for the test to release it before giving up by itself, so a
 # test that dies early cannot occupy a worker thread for the rest of the session.
 BLOCKING_TASK_LIMIT_S = 60
-
-
-def inc(x: int) -> int:
-    return x + 1
-
-
-def times_ten(x: int) -> int:
-    return x * 10
-
-
-def merge(*values: int) -> int:
-    return sum(values)
 
 
 def divide(numerator: float, denominator: float) -> float:
@@ -75,7 +65,7 @@ def write_text(path: str, text: str) -> None:
 
 def test_delayed_merge_of_10k_tasks(client: Client) -> None:
     n = 10_000
-    total = delayed(merge)(*[delayed(times_ten)(x) for x in range(n)])
+    total = delayed(merge_all)(*[delayed(times_ten)(x) for x in range(n)])
     assert client.compute(total).result(timeout=RESULT_TIMEOUT_S) == 10 * sum(range(n))
 
 
@@ -97,7 +87,7 @@ def test_chain_of_submits(client: Client) -> None:
 def test_scatter_list_then_map(client: Client) -> None:
     scattered = client.scatter([10, 20, 30])
     assert client.gather(client.map(inc, scattered)) == [11, 21, 31]
-    assert client.submit(merge, *scattered).result(timeout=RESULT_TIMEOUT_S) == 60
+    assert client.submit(merge_all, *scattered).result(timeout=RESULT_TIMEOUT_S) == 60
 
 
 def test_scatter_dict_keeps_keys(client: Client) -> None:

@@ -21,6 +21,7 @@ from dask import delayed
 from distributed import Client
 
 from dsched.testing.cluster import ProcessCluster
+from dsched.testing.workloads import inc, merge_all, times_ten
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
@@ -34,18 +35,6 @@ CONFIGS = {
     "dask": ["--policy", "dask"],
     "workstealing-process": ["--policy", "workstealing", "--policy-process"],
 }
-
-
-def inc(x: int) -> int:
-    return x + 1
-
-
-def times_ten(x: int) -> int:
-    return x * 10
-
-
-def merge(*values: int) -> int:
-    return sum(values)
 
 
 def slow_add(x: int, y: int) -> int:
@@ -81,7 +70,7 @@ def client(config: str) -> Iterator[Client]:
 
 def test_merge_map_array_errors_and_restrictions(client: Client) -> None:
     n = 1000
-    total = delayed(merge)(*[delayed(times_ten)(x) for x in range(n)])
+    total = delayed(merge_all)(*[delayed(times_ten)(x) for x in range(n)])
     assert client.compute(total).result(timeout=RESULT_TIMEOUT_S) == 10 * sum(range(n))
 
     futures = client.map(inc, range(300))

@@ -41,25 +41,13 @@ class BLevelPolicy(BasePolicy):
     def schedule(self) -> list[Decision]:
         if not self.pending:
             return []
-        decisions: list[Decision] = []
-        blevel = self.blevel
         bandwidth = self.config.bandwidth
         mean = self._mean_duration
-        order = sorted(
-            self.pending.values(), key=lambda e: (-blevel.get(e.task, 0), e.priority, e.task)
-        )
-        for event in order:
-            workers, local, total = self.shortlist(event)
-            if not workers:
-                decisions.append(self.no_worker(event))
-                continue
-            best = min(
-                workers,
-                key=lambda w: (
-                    max(w.load() * mean, (total - local.get(w.id, 0)) / bandwidth),
-                    w.load(),
-                    w.id,
-                ),
+        # Earliest start: the later of draining the worker's queue and fetching the inputs.
+        return self.place_by_blevel(
+            lambda w, local, total: (
+                max(w.load() * mean, (total - local.get(w.id, 0)) / bandwidth),
+                w.load(),
+                w.id,
             )
-            decisions.append(self.assign(event, best))
-        return decisions
+        )

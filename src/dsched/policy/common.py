@@ -33,7 +33,7 @@ Nothing here reads a clock, draws unseeded randomness or does I/O.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from dsched.policy.protocol import (
@@ -252,6 +252,25 @@ class BasePolicy:
                 if holder in running:
                     local[holder] = local.get(holder, 0) + task_input.nbytes
         return local, total
+
+    def place_by_blevel(
+        self, cost: Callable[[WorkerInfo, dict[int, int], int], tuple[float, ...]]
+    ) -> list[Decision]:
+        """Place every pending task, longest path to the end (b-level) first, each on the
+        shortlisted worker with the lowest ``cost(worker, local_bytes, total_bytes)``."""
+        decisions: list[Decision] = []
+        blevel = self.blevel
+        order = sorted(
+            self.pending.values(), key=lambda e: (-blevel.get(e.task, 0), e.priority, e.task)
+        )
+        for event in order:
+            workers, local, total = self.shortlist(event)
+            if not workers:
+                decisions.append(self.no_worker(event))
+                continue
+            best = min(workers, key=lambda w: cost(w, local, total))
+            decisions.append(self.assign(event, best))
+        return decisions
 
     def shortlist(self, event: TaskReady) -> tuple[list[WorkerInfo], dict[int, int], int]:
         """Where a task may sensibly go: the holders of its inputs plus the least loaded

@@ -28,19 +28,7 @@ class WorkStealingPolicy(BasePolicy):
     def schedule(self) -> list[Decision]:
         if not self.pending:
             return []
-        decisions: list[Decision] = []
-        blevel = self.blevel
-        order = sorted(
-            self.pending.values(), key=lambda e: (-blevel.get(e.task, 0), e.priority, e.task)
+        # rsds: the fewest bytes to move, then the lightest load.
+        return self.place_by_blevel(
+            lambda w, local, total: (total - local.get(w.id, 0), len(w.assigned) / w.nthreads, w.id)
         )
-        for event in order:
-            workers, local, total = self.shortlist(event)
-            if not workers:
-                decisions.append(self.no_worker(event))
-                continue
-            best = min(
-                workers,
-                key=lambda w: (total - local.get(w.id, 0), len(w.assigned) / w.nthreads, w.id),
-            )
-            decisions.append(self.assign(event, best))
-        return decisions

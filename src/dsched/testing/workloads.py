@@ -30,6 +30,14 @@ from dask import delayed
 TASK_DELAY_S = 0.004
 
 
+def inc(x: int) -> int:
+    return x + 1
+
+
+def times_ten(x: int) -> int:
+    return x * 10
+
+
 def slow_times_ten(x: int, delay: float = TASK_DELAY_S) -> int:
     time.sleep(delay)
     return x * 10
