@@ -25,7 +25,9 @@ POLICIES: dict[str, Callable[[PolicyConfig], Policy]] = {
     "blevel": BLevelPolicy,
     "dask": DaskPolicy,
 }
-DEFAULT_POLICY = "locality"
+# dask: root-task queuing bounds memory, and on a quiet machine it beat locality on merge-10k
+# and map-10k and over the benchmark set (docs/policies.md, "Cost per task and the default").
+DEFAULT_POLICY = "dask"
 
 __all__ = ["DEFAULT_POLICY", "POLICIES", "PolicyConfig", "make_policy"]
 
