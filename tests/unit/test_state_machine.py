@@ -140,6 +140,22 @@ def test_retry_rpc_resets_the_erred_chain():
     assert h.client_ops()[-1] == ("key-in-memory", "b")
 
 
+def test_retry_also_resets_erred_dependents_other_clients_want():
+    # Found by the property test: d's b erred because of c's a; when c retries a, b must be
+    # reset too (Dask sends erred dependents back to waiting), not left blaming a task that
+    # is no longer erred.
+    h = two_workers()
+    h.add_client("d")
+    h.submit({"a": ()}, keys=["a"], client="c")
+    h.submit({"a": (), "b": ("a",)}, keys=["b"], client="d")
+    h.fail("a")
+    assert h.state.tasks["b"].state == "erred"
+    h.step(ev.RetryKeys("c", ["a"]))
+    assert ("task-retried", "b") in h.client_ops("d")
+    h.run_until_idle()
+    assert h.client_ops("d")[-1] == ("key-in-memory", "b")
+
+
 def test_losing_a_worker_recomputes_lost_data_and_reschedules_its_tasks():
     h = two_workers()
     h.submit({"a": (), "b": (), "c": ("a", "b")}, keys=["a", "c"])

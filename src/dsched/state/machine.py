@@ -832,6 +832,14 @@ class SchedulerState:
                 stack.extend(erred_inputs)
             else:
                 roots.append(ts.key)
+        # Tasks that erred only because of a task being retried are retried with it (as
+        # Dask's erred -> released does), whichever client wants them.
+        frontier = list(seen)
+        while frontier:
+            for dts in frontier.pop().dependents:
+                if dts.state == ERRED and dts not in seen and dts.exception_blame in seen:
+                    seen.add(dts)
+                    frontier.append(dts)
         # Reset the whole erred chain before anything settles, so that no task sees an erred
         # input and errs again.
         recs: dict[TaskState, str] = {}
