@@ -12,8 +12,12 @@ import os
 import signal
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 import dsched
+
+if TYPE_CHECKING:
+    from dsched.comm import TLSSettings
 
 logger = logging.getLogger("dsched.cli")
 
@@ -38,10 +42,19 @@ def _parser() -> argparse.ArgumentParser:
 
     sched = commands.add_parser("scheduler", help="run a Dask-compatible scheduler")
     sched.add_argument("--version", action="version", version=f"dsched {dsched.__version__}")
-    sched.add_argument("--host", default="", help="address to listen on (default: all)")
-    sched.add_argument("--port", type=int, default=8786, help="port (0 picks a free one)")
+    sched.add_argument(
+        "--host", default="", help="address to listen on: 127.0.0.1, tls://10.0.0.1 (default: all)"
+    )
+    sched.add_argument("--port", type=int, default=None, help="port (0 picks a free one; 8786)")
     sched.add_argument("--interface", help="network interface to listen on, e.g. 'eth0'")
-    sched.add_argument("--protocol", default="tcp", help="only 'tcp' is supported")
+    sched.add_argument(
+        "--protocol",
+        default=None,
+        help="tcp or tls (default: tls if TLS files are given or encryption is required)",
+    )
+    sched.add_argument("--tls-ca-file", help="CA certificate(s) for TLS, PEM")
+    sched.add_argument("--tls-cert", help="the scheduler's TLS certificate, PEM")
+    sched.add_argument("--tls-key", help="the scheduler's TLS private key, PEM")
     sched.add_argument("--scheduler-file", help="write the address here as dask does (JSON)")
     sched.add_argument("--dashboard-address", help="accepted for compatibility: no dashboard yet")
     sched.add_argument("--dashboard", dest="dashboard", action="store_true", default=True)
@@ -85,6 +98,32 @@ def _interface_address(interface: str) -> str:
     raise SystemExit(f"dsched: interface {interface!r} has no IPv4 address")
 
 
+def _listen_address(args: argparse.Namespace) -> tuple[str | None, str, int]:
+    """(protocol or None, host, port) from --host, --port, --protocol and --interface, as
+    dask accepts them: --host may carry a scheme and a port (tls://10.0.0.1:8786)."""
+    from dsched.comm import split_address
+
+    protocol, host, port = args.protocol, args.host, args.port
+    if "://" in host:
+        scheme, _, location = host.partition("://")
+        if protocol is not None and protocol.removesuffix("://") != scheme:
+            raise SystemExit(f"dsched: --host {host!r} contradicts --protocol {protocol!r}")
+        protocol, host = scheme, location
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # [::1] without a port
+    elif host.startswith("[") or host.count(":") == 1:
+        try:
+            _, host, host_port = split_address(host)
+        except ValueError as error:
+            raise SystemExit(f"dsched: --host: {error}") from None
+        if port is not None and port != host_port:
+            raise SystemExit(f"dsched: port given twice: --host {args.host} and --port {port}")
+        port = host_port
+    if args.interface:
+        host = _interface_address(args.interface)
+    return protocol, host, 8786 if port is None else port
+
+
 def _max_message_bytes(args: argparse.Namespace) -> int | None:
     if not getattr(args, "max_message_size", None):
         return None  # the scheduler reads dsched.max-message-size from the Dask config
@@ -120,19 +159,22 @@ def main(argv: list[str] | None = None) -> None:
 def run_scheduler(args: argparse.Namespace) -> None:
     from dask.utils import parse_timedelta
 
+    from dsched.comm import TLSSettings
     from dsched.policy import DEFAULT_POLICY, make_policy
     from dsched.server.policy_process import PolicyProcess, dask_policy_config
     from dsched.server.scheduler import Scheduler
 
-    if args.protocol not in ("tcp", "tcp://"):
-        raise SystemExit(f"dsched: protocol {args.protocol!r} is not supported yet (only tcp)")
+    protocol, host, port = _listen_address(args)
+    try:
+        tls = TLSSettings.from_options(args.tls_ca_file, args.tls_cert, args.tls_key)
+        protocol = tls.listen_protocol(protocol)
+    except ValueError as error:
+        raise SystemExit(f"dsched: {error}") from None
+    args.protocol, args.port = protocol, port
     if args.preload:
         raise SystemExit("dsched: --preload is not supported (dsched has no Scheduler plugins)")
     if args.dashboard_address or not args.dashboard:
         logger.info("dsched has no dashboard yet; dashboard options are accepted and ignored")
-    host = args.host
-    if args.interface:
-        host = _interface_address(args.interface)
     policy_name = args.policy or os.environ.get("DSCHED_POLICY", DEFAULT_POLICY)
     policy_process = None
     if args.policy_process:
@@ -145,7 +187,7 @@ def run_scheduler(args: argparse.Namespace) -> None:
             f.write(str(os.getpid()))
     try:
         tune_garbage_collector()
-        asyncio.run(_serve(Scheduler, policy, host, args, idle_timeout))
+        asyncio.run(_serve(Scheduler, policy, host, args, idle_timeout, tls=tls))
     finally:
         if policy_process is not None:
             policy_process.close()
@@ -155,7 +197,13 @@ def run_scheduler(args: argparse.Namespace) -> None:
 
 
 async def _serve(
-    scheduler_class: type, policy: object, host: str, args: argparse.Namespace, idle: float | None
+    scheduler_class: type,
+    policy: object,
+    host: str,
+    args: argparse.Namespace,
+    idle: float | None,
+    *,
+    tls: TLSSettings | None = None,
 ) -> None:
     scheduler = scheduler_class(
         policy,
@@ -164,6 +212,8 @@ async def _serve(
         idle_timeout=idle,
         validate=args.validate,
         max_message_bytes=_max_message_bytes(args),
+        protocol=args.protocol,
+        tls=tls,
     )
     if getattr(args, "trace", None):
         from dsched.trace import TraceRecorder

@@ -14,6 +14,10 @@ aborted, never reused. Idle comms the peer closed meanwhile are skipped at reuse
 exchanges, such as worker ``get_data``, where the caller must write ``"OK"`` after
 reading the reply before the comm is back in a reusable state.
 
+``tls://`` addresses are reached with the pool's ``ssl_context`` (for the scheduler: a
+client context carrying the scheduler role certificate, as distributed's scheduler uses);
+with ``require_encryption``, ``tcp://`` addresses are refused (``SecurityError``).
+
 ``close()`` politely tells each idle peer ``{"op": "close", "reply": False}`` (what
 distributed's pools do) and aborts comms still lent out.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -43,11 +48,20 @@ class _AddressState:
 class ConnectionPool:
     """Reusable outgoing comms, one outstanding request per comm (see the module docstring)."""
 
-    def __init__(self, limit_per_address: int = 16, connect_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        limit_per_address: int = 16,
+        connect_timeout: float = 30.0,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        require_encryption: bool = False,
+    ) -> None:
         if limit_per_address < 1:
             raise ValueError("limit_per_address must be at least 1")
         self._limit_per_address = limit_per_address
         self._connect_timeout = connect_timeout
+        self._ssl_context = ssl_context
+        self._require_encryption = require_encryption
         self._addresses: dict[str, _AddressState] = {}
         self._lent: set[Comm] = set()
         self._closed = False
@@ -90,7 +104,12 @@ class ConnectionPool:
                     raise CommClosedError("the connection pool was closed while waiting")
                 comm = self._take_idle(state)
                 if comm is None:
-                    comm = await connect(address, timeout=self._connect_timeout)
+                    comm = await connect(
+                        address,
+                        timeout=self._connect_timeout,
+                        ssl_context=self._ssl_context,
+                        require_encryption=self._require_encryption,
+                    )
                     comm.name = f"pool->{address}"
                 self._lent.add(comm)
                 state.lent.add(comm)

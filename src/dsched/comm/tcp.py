@@ -24,6 +24,14 @@ its handshake map and then reads the peer's, so neither waits on the other. ``co
 does this for outgoing connections; ``listen`` does it for every accepted connection
 (bounded by ``handshake_timeout``) before handing the comm to ``on_comm``. A connection
 that fails its handshake is aborted alone; the listener keeps serving.
+
+TLS (``tls://``, protocol.md §1.6) is the same framing inside TLS: ``connect`` and ``listen``
+take an ``ssl_context`` (built by ``dsched.comm.tls`` from distributed's ``Security``) and
+hand it to asyncio, which runs the TLS handshake before ``connection_made``; a peer that
+fails it (no certificate, wrong CA, plain TCP bytes) never becomes a ``Comm``. TLS comms
+are ``TLSComm``s, so the plain TCP path is exactly the one above. With
+``require_encryption`` (``distributed.comm.require-encryption``), plain ``tcp://`` is
+refused both ways with ``SecurityError``.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -52,10 +61,13 @@ __all__ = [
     "Comm",
     "CommClosedError",
     "Listener",
+    "SecurityError",
+    "TLSComm",
     "connect",
     "format_address",
     "listen",
     "parse_address",
+    "split_address",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,12 +90,22 @@ class CommClosedError(ConnectionError):
     """The connection is closed (EOF, reset, aborted, or closed locally)."""
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """Split ``tcp://host:port``, ``host:port`` or ``tcp://[::1]:port`` into (host, port)."""
-    location = address
+class SecurityError(ConnectionError):
+    """A connection refused by the TLS settings: a ``tcp://`` peer while encryption is
+    required, or a ``tls://`` peer without a TLS context. An ``OSError``, so callers treat
+    it like any other failed connection."""
+
+
+SCHEMES = ("tcp", "tls")
+
+
+def split_address(address: str) -> tuple[str, str, int]:
+    """Split ``tcp://host:port``, ``tls://host:port``, ``host:port`` (tcp) or
+    ``tls://[::1]:port`` into (scheme, host, port)."""
+    scheme, location = "tcp", address
     if "://" in address:
         scheme, _, location = address.partition("://")
-        if scheme != "tcp":
+        if scheme not in SCHEMES:
             raise ValueError(f"unsupported scheme {scheme!r} in address {address!r}")
     if location.startswith("["):
         host, bracket, tail = location[1:].partition("]")
@@ -100,19 +122,30 @@ def parse_address(address: str) -> tuple[str, int]:
         raise ValueError(f"invalid port in address {address!r}") from None
     if not host or not 0 <= port < 65536:
         raise ValueError(f"invalid address {address!r}")
+    return scheme, host, port
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split ``tcp://host:port``, ``host:port`` or ``tcp://[::1]:port`` into (host, port).
+
+    Plain TCP only; ``split_address`` also accepts ``tls://``.
+    """
+    scheme, host, port = split_address(address)
+    if scheme != "tcp":
+        raise ValueError(f"unsupported scheme {scheme!r} in address {address!r}")
     return host, port
 
 
-def format_address(host: str, port: int) -> str:
+def format_address(host: str, port: int, scheme: str = "tcp") -> str:
     if ":" in host:
         host = f"[{host}]"
-    return f"tcp://{host}:{port}"
+    return f"{scheme}://{host}:{port}"
 
 
-def _sockaddr_to_address(sockaddr: Any) -> str:
+def _sockaddr_to_address(sockaddr: Any, scheme: str = "tcp") -> str:
     if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
-        return format_address(str(sockaddr[0]), int(sockaddr[1]))
-    return f"tcp://{sockaddr}"
+        return format_address(str(sockaddr[0]), int(sockaddr[1]), scheme)
+    return f"{scheme}://{sockaddr}"
 
 
 def _configure_socket(sock: Any) -> None:
@@ -137,6 +170,8 @@ class Comm(asyncio.Protocol):
 
     Created by ``connect`` and ``listen``; not meant to be constructed directly.
     """
+
+    scheme = "tcp"  # of local_address and peer_address
 
     def __init__(
         self,
@@ -272,8 +307,10 @@ class Comm(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             _configure_socket(sock)
-        self._local_address = _sockaddr_to_address(transport.get_extra_info("sockname"))
-        self._peer_address = _sockaddr_to_address(transport.get_extra_info("peername"))
+        self._local_address = _sockaddr_to_address(
+            transport.get_extra_info("sockname"), self.scheme
+        )
+        self._peer_address = _sockaddr_to_address(transport.get_extra_info("peername"), self.scheme)
         if self._on_connected is not None:
             self._on_connected(self)
 
@@ -346,18 +383,73 @@ class Comm(asyncio.Protocol):
                 waiter.set_result(None)
 
 
-async def connect(address: str, timeout: float = 30.0) -> Comm:
+class TLSComm(Comm):
+    """A ``Comm`` inside TLS: the same framing; asyncio's TLS transport does the rest."""
+
+    scheme = "tls"
+
+    def write(self, msg: object) -> None:
+        transport = self._transport
+        if transport is None or self._closed or transport.is_closing():
+            raise CommClosedError(f"{self!r} is closed")
+        # asyncio's TLS transport measures buffers with len(), which counts items, not
+        # bytes, in a memoryview whose format is not "B": hand it bytes-shaped views only.
+        transport.writelines(
+            [
+                buffer.cast("B")
+                if isinstance(buffer, memoryview) and buffer.format != "B"
+                else buffer
+                for buffer in encode_frames(dumps(msg))
+            ]
+        )
+
+    @property
+    def peer_certificate(self) -> dict[str, Any] | None:
+        """The peer's verified certificate (as ``ssl.SSLSocket.getpeercert()`` returns it)."""
+        if self._transport is None:
+            return None
+        cert = self._transport.get_extra_info("peercert")
+        return cert if isinstance(cert, dict) else None
+
+
+async def connect(
+    address: str,
+    timeout: float = 30.0,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    require_encryption: bool = False,
+) -> Comm:
     """Open a comm to ``address`` and exchange handshakes, all within ``timeout`` seconds.
 
+    ``tls://`` addresses are reached with ``ssl_context`` (the TLS handshake is part of
+    the timeout); ``tcp://`` ones are refused when ``require_encryption`` is set.
+
     Raises ``TimeoutError`` on timeout, the ``OSError`` of the failed connect (with the
-    address noted), or ``CommClosedError`` if the peer's handshake is missing or invalid.
+    address noted; ``ssl.SSLError`` for a failed TLS handshake), ``SecurityError`` when
+    the TLS settings forbid the connection, or ``CommClosedError`` if the peer's handshake
+    is missing or invalid (or the peer refused our certificate).
     """
-    host, port = parse_address(address)
+    scheme, host, port = split_address(address)
+    if scheme == "tls" and ssl_context is None:
+        raise SecurityError(
+            f"cannot connect to {address}: no TLS configuration (a CA file and a "
+            "certificate: distributed.comm.tls.*)"
+        )
+    if scheme == "tcp" and require_encryption:
+        raise SecurityError(
+            "encryption required by Dask configuration (distributed.comm.require-encryption), "
+            f"refusing communication to {address!r}"
+        )
     loop = asyncio.get_running_loop()
     comm: Comm | None = None
     try:
         async with asyncio.timeout(timeout):
-            _, comm = await loop.create_connection(Comm, host, port)
+            if scheme == "tls":
+                _, comm = await loop.create_connection(
+                    TLSComm, host, port, ssl=ssl_context, ssl_handshake_timeout=timeout
+                )
+            else:
+                _, comm = await loop.create_connection(Comm, host, port)
             await comm._handshake()
     except TimeoutError as error:
         if comm is not None:
@@ -400,8 +492,11 @@ class Listener:
         on_comm: Callable[[Comm], Awaitable[None]],
         handshake_timeout: float,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._on_comm = on_comm
+        self._ssl_context = ssl_context
+        self._comm_class = Comm if ssl_context is None else TLSComm
         self._max_message_bytes = max_message_bytes
         self._handshake_timeout = handshake_timeout
         self._server: asyncio.Server | None = None
@@ -432,10 +527,14 @@ class Listener:
         sockets = sorted(server.sockets, key=lambda sock: sock.family != socket.AF_INET)
         host, port = sockets[0].getsockname()[:2]
         self._port = int(port)
-        self._address = format_address(_concrete_host(str(host)), self._port)
+        self._address = format_address(
+            _concrete_host(str(host)), self._port, self._comm_class.scheme
+        )
 
     def _make_comm(self) -> Comm:
-        return Comm(on_connected=self._start_serving, max_message_bytes=self._max_message_bytes)
+        return self._comm_class(
+            on_connected=self._start_serving, max_message_bytes=self._max_message_bytes
+        )
 
     def _start_serving(self, comm: Comm) -> None:
         task = asyncio.get_running_loop().create_task(self._serve(comm))
@@ -469,12 +568,34 @@ async def listen(
     on_comm: Callable[[Comm], Awaitable[None]],
     handshake_timeout: float = 10.0,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    require_encryption: bool = False,
 ) -> Listener:
     """Listen on ``host:port`` (port 0 picks a free one); see ``Listener``.
 
-    Every accepted comm rejects messages larger than ``max_message_bytes``.
+    Every accepted comm rejects messages larger than ``max_message_bytes``. With an
+    ``ssl_context`` this is a ``tls://`` listener: each connection must complete the TLS
+    handshake (with a client certificate if the context requires one, as distributed's
+    do) within ``handshake_timeout``, then the Dask handshake within as much again; one
+    that fails is dropped alone. Without one, ``require_encryption`` refuses to listen.
     """
-    listener = Listener(on_comm, handshake_timeout, max_message_bytes)
-    server = await asyncio.get_running_loop().create_server(listener._make_comm, host, port)
+    if ssl_context is None and require_encryption:
+        raise SecurityError(
+            "encryption required by Dask configuration (distributed.comm.require-encryption), "
+            f"refusing to listen on tcp://{host}:{port}"
+        )
+    listener = Listener(on_comm, handshake_timeout, max_message_bytes, ssl_context)
+    loop = asyncio.get_running_loop()
+    if ssl_context is None:
+        server = await loop.create_server(listener._make_comm, host, port)
+    else:
+        server = await loop.create_server(
+            listener._make_comm,
+            host,
+            port,
+            ssl=ssl_context,
+            ssl_handshake_timeout=handshake_timeout,
+        )
     listener._bind(server)
     return listener

@@ -38,7 +38,7 @@ import dask
 from dask.utils import parse_timedelta
 
 import dsched
-from dsched.comm import CommClosedError, ConnectionPool, listen
+from dsched.comm import CommClosedError, ConnectionPool, TLSSettings, listen
 from dsched.comm.tcp import Comm, Listener
 from dsched.graph import GraphIntakeError, intake_update_graph
 from dsched.policy.protocol import Policy
@@ -174,7 +174,13 @@ class Scheduler:
         worker_ttl: float | None = None,
         validate: bool = False,
         max_message_bytes: int | None = None,
+        protocol: str | None = None,
+        tls: TLSSettings | None = None,
     ) -> None:
+        # TLS as distributed does it: from distributed.comm.tls.* and require-encryption
+        # unless given; protocol None listens on tls:// when encryption is required.
+        self.tls = TLSSettings.from_security() if tls is None else tls
+        self.protocol = self.tls.listen_protocol(protocol)
         if max_message_bytes is None:
             max_message_bytes = max_message_size_from_config()
         # A peer must complete its handshake within distributed.comm.timeouts.connect.
@@ -202,7 +208,10 @@ class Scheduler:
         self.clients: dict[str, Comm] = {}
         self.subscriptions: dict[str, set[str]] = defaultdict(set)  # topic -> client ids
         self.events: dict[str, list[tuple[float, Any]]] = defaultdict(list)
-        self.pool = ConnectionPool()
+        # Outgoing RPCs to tls:// workers and nannies present the scheduler certificate.
+        self.pool = ConnectionPool(
+            ssl_context=self.tls.connect_context, require_encryption=self.tls.require_encryption
+        )
         self._intake = ThreadPoolExecutor(1, thread_name_prefix="dsched-graph-intake")
         self._pending = Outbox()
         self._flush_scheduled = False
@@ -275,6 +284,8 @@ class Scheduler:
             self._on_comm,
             handshake_timeout=self.handshake_timeout,
             max_message_bytes=self.max_message_bytes,
+            ssl_context=self.tls.listen_context if self.protocol == "tls" else None,
+            require_encryption=self.tls.require_encryption,
         )
         self._spawn(self._watchdog())
         logger.info("dsched %s scheduler at %s", dsched.__version__, self.address)
