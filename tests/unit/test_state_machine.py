@@ -244,6 +244,17 @@ def test_scattered_data_is_used_by_tasks_and_cancelled_when_its_worker_dies():
     assert h.state.tasks == {}
 
 
+def test_data_placed_without_a_client_only_adds_replicas_of_known_data():
+    h = two_workers()
+    h.step(ev.DataPlaced(None, {"orphan": ["tcp://w1:1"]}, {"orphan": 8}))
+    assert "orphan" not in h.state.tasks  # nobody would ever release it
+    h.step(ev.DataPlaced("c", {"x": ["tcp://w1:1"]}, {"x": 8}))
+    h.step(ev.DataPlaced(None, {"x": ["tcp://w2:2"]}, {"x": 8}))
+    assert {ws.address for ws in h.state.tasks["x"].who_has} == {"tcp://w1:1", "tcp://w2:2"}
+    h.step(ev.ClientReleasesKeys("c", ["x"]))
+    assert h.state.tasks == {}
+
+
 def test_graph_with_unknown_dependency_is_cancelled():
     h = two_workers()
     out = h.submit({"b": ("missing",)}, keys=["b"])

@@ -121,6 +121,23 @@ def markdown_report(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> 
     return "\n".join(lines) + "\n"
 
 
+def _grouped_bars(
+    ax: Any,
+    groups: Sequence[str],
+    schedulers: Sequence[str],
+    value: dict[tuple[str, str], float],
+    fmt: str,
+) -> None:
+    """One cluster of bars per group, one bar per scheduler (0 where it has no value)."""
+    width = 0.8 / len(schedulers)
+    for i, scheduler in enumerate(schedulers):
+        offset = (i - (len(schedulers) - 1) / 2) * width
+        positions = [j + offset for j in range(len(groups))]
+        values = [value.get((group, scheduler), 0) for group in groups]
+        bars = ax.bar(positions, values, width, label=scheduler)
+        ax.bar_label(bars, fmt=fmt, fontsize=7)
+
+
 def plot_speedups(records: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     """Per set-up: bars of the speedup vs dask per workload, one bar per scheduler."""
     import matplotlib
@@ -136,23 +153,9 @@ def plot_speedups(records: Sequence[dict[str, Any]], out_dir: Path) -> list[Path
             continue
         workloads = _ordered([r["workload"] for r in mine])
         schedulers = _ordered([r["scheduler"] for r in mine])
-        width = 0.8 / len(schedulers)
         fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(workloads) + 2), 4.5))
-        for i, scheduler in enumerate(schedulers):
-            values = [
-                next(
-                    (
-                        r["speedup"]
-                        for r in mine
-                        if r["workload"] == w and r["scheduler"] == scheduler
-                    ),
-                    0,
-                )
-                for w in workloads
-            ]
-            positions = [j + (i - (len(schedulers) - 1) / 2) * width for j in range(len(workloads))]
-            bars = ax.bar(positions, values, width, label=scheduler)
-            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        speedup = {(r["workload"], r["scheduler"]): r["speedup"] for r in mine}
+        _grouped_bars(ax, workloads, schedulers, speedup, "%.2f")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(workloads)), workloads, rotation=30, ha="right")
         ax.set_ylabel("speedup vs dask scheduler (higher is better)")
@@ -178,23 +181,9 @@ def plot_per_task_overhead(records: Sequence[dict[str, Any]], out_dir: Path) -> 
         return None
     groups = _ordered([f"{r['workload']}\n{r['setup']}" for r in rows])
     schedulers = _ordered([r["scheduler"] for r in rows])
-    width = 0.8 / len(schedulers)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) + 2), 4.5))
-    for i, scheduler in enumerate(schedulers):
-        values = [
-            next(
-                (
-                    r["per_task_ms"]
-                    for r in rows
-                    if f"{r['workload']}\n{r['setup']}" == g and r["scheduler"] == scheduler
-                ),
-                0,
-            )
-            for g in groups
-        ]
-        positions = [j + (i - (len(schedulers) - 1) / 2) * width for j in range(len(groups))]
-        bars = ax.bar(positions, values, width, label=scheduler)
-        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    per_task = {(f"{r['workload']}\n{r['setup']}", r["scheduler"]): r["per_task_ms"] for r in rows}
+    _grouped_bars(ax, groups, schedulers, per_task, "%.3f")
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel("makespan per task, ms (lower is better)")
     ax.set_title("per-task overhead with zero workers")

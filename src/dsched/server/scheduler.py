@@ -44,7 +44,7 @@ from dsched.graph import GraphIntakeError, intake_update_graph
 from dsched.policy.protocol import Policy
 from dsched.server.errors import error_reply, killed_worker, pickled_exception
 from dsched.state import events as ev
-from dsched.state.machine import PROCESSING, SchedulerState
+from dsched.state.machine import SchedulerState
 from dsched.state.outbox import Outbox
 from dsched.trace import TraceRecorder
 from dsched.wire import ProtocolError
@@ -351,7 +351,7 @@ class Scheduler:
                             now - record.last_seen,
                         )
                         self._remove_worker(address, expected=False, reason="worker-ttl-timed-out")
-            busy = self.clients or any(ts.state == PROCESSING for ts in self.state.tasks.values())
+            busy = self.clients or any(ws.processing for ws in self.state.workers.values())
             if busy:
                 self._last_activity = now
             elif self.idle_timeout and now - self._last_activity > self.idle_timeout:
@@ -922,7 +922,7 @@ class Scheduler:
         sizes = {_key(k): int(v) for k, v in nbytes.items()}
         if client is not None and not isinstance(client, str):
             raise ValueError(f"client must be a string, got {client!r:.200}")
-        self._handle(ev.DataPlaced(client or "unknown-client", placed, sizes))
+        self._handle(ev.DataPlaced(client, placed, sizes))
 
     def who_has(self, keys: Iterable[Any] | None = None) -> dict[Any, list[str]]:
         tasks = self.state.tasks

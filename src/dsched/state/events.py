@@ -104,9 +104,12 @@ class ReportKey:
 
 @dataclass(frozen=True, slots=True)
 class DataPlaced:
-    """Data put on workers from outside (``scatter`` / ``update_data``), wanted by a client."""
+    """Data put on workers from outside (``scatter`` / ``update_data``), wanted by a client.
 
-    client: str
+    Without a client nobody holds the data, so only replicas of keys already in memory are
+    recorded (as Dask's ``update_data`` with no client)."""
+
+    client: str | None
     who_has: Mapping[Key, Sequence[str]]
     nbytes: Mapping[Key, int]
 

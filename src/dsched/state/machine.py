@@ -798,13 +798,20 @@ class SchedulerState:
             self._report_state(self.clients[event.client], ts, out)
 
     def _data_placed(self, event: ev.DataPlaced, out: Outbox) -> None:
-        cs = self._client(event.client)
+        cs = None if event.client is None else self._client(event.client)
         for key, addresses in event.who_has.items():
             holders = [self.workers[a] for a in addresses if a in self.workers]
             if not holders:
                 out.log("warning", f"data for {key!r} placed on unknown workers {addresses}")
                 continue
             ts = self.tasks.get(key)
+            if cs is None:
+                if ts is not None and ts.state == MEMORY:
+                    for ws in holders:
+                        self._add_replica(ts, ws)
+                else:
+                    out.log("info", f"data for {key!r} placed with no client to hold it: ignored")
+                continue
             if ts is None:
                 ts = self._new_task(key, None, {})
                 out.policy.append(policy.TaskAdded(ts.id, ts.priority, (), ts.prefix))
