@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from dsched.policy.locality import LocalityPolicy
-from dsched.policy.protocol import Policy
+from dsched.policy.protocol import Policy, wanted_events
 from dsched.state import events as ev
 from dsched.state.machine import SchedulerState
 from dsched.state.outbox import Message, Outbox
@@ -23,12 +23,20 @@ def killed_worker(key: Any, address: str, allowed_failures: int) -> object:
 
 
 class Harness:
-    def __init__(self, policy: Policy | None = None, allowed_failures: int = 3) -> None:
-        self.state = SchedulerState(killed_worker=killed_worker, allowed_failures=allowed_failures)
+    def __init__(
+        self, policy: Policy | None = None, allowed_failures: int = 3, bandwidth: float = 100e6
+    ) -> None:
         self.policy: Policy = policy if policy is not None else LocalityPolicy()
+        self.state = SchedulerState(
+            killed_worker=killed_worker,
+            allowed_failures=allowed_failures,
+            wants=wanted_events(self.policy),
+            bandwidth=bandwidth,
+        )
         self.now = 1000.0
         self.to_workers: dict[str, list[Message]] = defaultdict(list)
         self.to_clients: dict[str, list[Message]] = defaultdict(list)
+        self.logs: list[tuple[str, str]] = []  # what the reactor would log, in order
 
     # -------------------------------------------------------------- driving
     def step(self, event: ev.Event) -> Outbox:
@@ -46,6 +54,7 @@ class Harness:
             self.to_workers[address].extend(msgs)
         for client, msgs in total.to_clients.items():
             self.to_clients[client].extend(msgs)
+        self.logs.extend(total.logs)
         return total
 
     def add_worker(self, address: str, nthreads: int = 1, **kwargs: Any) -> Outbox:

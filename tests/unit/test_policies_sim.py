@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 
 from dsched.policy import POLICIES, PolicyConfig, make_policy
+from dsched.policy.blevel import BLevelPolicy
 from dsched.policy.common import WorkerInfo
 from dsched.policy.dask_like import DaskPolicy
-from dsched.policy.protocol import WorkerAdded
+from dsched.policy.protocol import ReplicaAdded, ReplicaRemoved, WorkerAdded
 from dsched.sim import graphs
-from dsched.sim.engine import ClusterSpec, SimResult, simulate
+from dsched.sim.engine import ClusterSpec, SimResult, SimulationError, simulate
 from dsched.sim.graphs import SimGraph, SimTask
 
 pytestmark = pytest.mark.timeout(120)
@@ -176,3 +177,72 @@ def test_simulator_accepts_a_dask_collection():
     graph = graphs.graph_from_collection((x + x.T).sum(), name="array")
     result = run(graph, "dask", ClusterSpec(n_workers=2))
     assert result.executed == len(graph)
+
+
+def gpu_graph() -> SimGraph:
+    tasks = {f"cpu-{i}": SimTask(f"cpu-{i}", (), 0.01, 100) for i in range(10)}
+    tasks["gpu"] = SimTask("gpu", ("cpu-0",), 0.01, 100, {"resources": {"GPU": 1}})
+    return SimGraph("gpu", tasks, list(tasks), {k: i for i, k in enumerate(tasks)})
+
+
+@pytest.mark.parametrize("name", [*ALL, "roundrobin_policy:RoundRobinPolicy"])
+def test_an_unplaceable_task_waits_in_the_simulator_for_a_worker_that_can_run_it(name, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    gpu_joins = ClusterSpec(n_workers=2, join_times=(0.0, 2.0), resources=((1, (("GPU", 1.0),)),))
+    policy = make_policy(name, PolicyConfig())
+    result = simulate(gpu_graph(), policy, gpu_joins, policy_name=name, validate=True)
+    assert result.placement["gpu"] == gpu_joins.address(1)
+    assert next(e.start for e in result.executions if e.key == "gpu") >= 2.0
+    if name.startswith("roundrobin"):
+        assert result.warnings == []  # the example policy only says NoWorker: still fine
+    else:
+        [warning] = result.warnings
+        assert "1 task can never run on the current workers: no worker offers" in warning
+
+
+def test_a_simulated_run_that_can_never_finish_says_why():
+    with pytest.raises(SimulationError, match=r"1 can never run: \[\"no worker offers"):
+        run(gpu_graph(), "dask", ClusterSpec(n_workers=2))
+
+
+def cross_transfers(pairs: int, nbytes: int) -> SimGraph:
+    """Each root is pinned to one worker and its consumer to the other: every consumer
+    fetches its input, in both directions."""
+    cluster = ClusterSpec()
+    tasks: dict[object, SimTask] = {}
+    for i in range(pairs):
+        here, there = cluster.address(i % 2), cluster.address((i + 1) % 2)
+        tasks[f"r-{i}"] = SimTask(f"r-{i}", (), 0.01, nbytes, {"workers": [here]})
+        tasks[f"c-{i}"] = SimTask(f"c-{i}", (f"r-{i}",), 0.01, 10, {"workers": [there]})
+    keys = [k for k in tasks if str(k).startswith("c-")]
+    return SimGraph("cross", tasks, keys, {k: i for i, k in enumerate(tasks)})
+
+
+@pytest.mark.parametrize("name", ["dask", "blevel", "locality"])
+def test_the_policy_learns_the_bandwidth_the_simulated_workers_measure(name):
+    # The cluster moves 10 MB/s; the configuration says 100 MB/s.
+    slow = ClusterSpec(n_workers=2, bandwidth=10e6, assumed_bandwidth=100e6)
+    policy = make_policy(name, PolicyConfig(bandwidth=100e6))
+    result = simulate(cross_transfers(40, 5_000_000), policy, slow, validate=True)
+    assert result.bandwidth_estimate < 60e6
+    learned = policy._bandwidth if name == "locality" else policy.bandwidth  # type: ignore[attr-defined]
+    # The policy heard of every move of more than 5 %.
+    assert learned == pytest.approx(result.bandwidth_estimate, rel=0.06)
+    # Small transfers are not measured (as in Dask): nothing to learn.
+    small = simulate(cross_transfers(40, 1000), make_policy(name, PolicyConfig()), slow)
+    assert small.bandwidth_estimate == 100e6
+
+
+def test_replica_events_reach_a_policy_that_wants_them_in_the_simulator():
+    events: list[object] = []
+
+    class Listening(BLevelPolicy):
+        def handle(self, batch, now):  # type: ignore[no-untyped-def]
+            events.extend(batch)
+            return super().handle(batch, now)
+
+    result = simulate(cross_transfers(10, 1000), Listening(), ClusterSpec(), validate=True)
+    fetched = [e for e in events if isinstance(e, ReplicaAdded)]
+    assert len(fetched) == result.transfers == 10
+    assert all(e.nbytes == 1000 for e in fetched)
+    assert any(isinstance(e, ReplicaRemoved) for e in events)

@@ -1,5 +1,10 @@
 """Random event sequences against the state machine: every step keeps every invariant, and
-when the dust settles every wanted key is in memory or erred and nothing else is held."""
+when the dust settles every wanted key is in memory or erred and nothing else is held.
+
+The policy also keeps the replica map the optional events describe (``TaskDone`` with a
+size, ``ReplicaAdded``, ``ReplicaRemoved``, ``WorkerRemoved``); after every step it must
+equal the runtime's ``who_has``. Some tasks need a GPU that only one worker offers, so tasks
+become unplaceable and placeable again as workers come and go."""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from harness import Harness
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dsched.policy import protocol as p
+from dsched.policy.locality import LocalityPolicy
 from dsched.policy.protocol import Steal
 from dsched.state import events as ev
 
@@ -15,17 +22,53 @@ pytestmark = pytest.mark.timeout(120)
 
 WORKERS = ["tcp://w0:1", "tcp://w1:1", "tcp://w2:1"]
 CLIENTS = ["c0", "c1"]
+# Only w2 (not there at the start) can run the tasks that need a GPU.
+RESOURCES = {"tcp://w2:1": {"GPU": 1}}
+
+
+class ReplicaMirror:
+    """Locality placement, plus the replica map a policy keeps from the events it wants."""
+
+    wants = p.OPTIONAL_EVENTS
+
+    def __init__(self) -> None:
+        self.inner = LocalityPolicy()
+        self.replicas: set[tuple[int, int]] = set()  # (task, worker)
+
+    def handle(self, events, now):  # type: ignore[no-untyped-def]
+        for e in events:
+            if (isinstance(e, p.TaskDone) and e.nbytes is not None) or isinstance(
+                e, p.ReplicaAdded
+            ):
+                assert (e.task, e.worker) not in self.replicas, e
+                self.replicas.add((e.task, e.worker))
+            elif isinstance(e, p.ReplicaRemoved):
+                self.replicas.remove((e.task, e.worker))
+            elif isinstance(e, p.WorkerRemoved):
+                self.replicas = {(t, w) for t, w in self.replicas if w != e.worker}
+        return self.inner.handle(events, now)
+
+
+class MirroredHarness(Harness):
+    def step(self, event):  # type: ignore[no-untyped-def]
+        out = super().step(event)
+        who_has = {(ts.id, ws.id) for ts in self.state.tasks.values() for ws in ts.who_has}
+        assert self.policy.replicas == who_has, (event, self.policy.replicas ^ who_has)
+        return out
 
 
 @st.composite
-def random_graph(draw: st.DrawFn) -> dict[str, tuple[str, ...]]:
+def random_graph(draw: st.DrawFn) -> tuple[dict[str, tuple[str, ...]], set[str]]:
     size = draw(st.integers(1, 12))
     graph: dict[str, tuple[str, ...]] = {}
+    gpu: set[str] = set()
     for i in range(size):
         earlier = list(graph)
         deps = draw(st.lists(st.sampled_from(earlier), max_size=3, unique=True)) if earlier else []
         graph[f"t{i}"] = tuple(deps)
-    return graph
+        if draw(st.integers(0, 5)) == 0:
+            gpu.add(f"t{i}")
+    return graph, gpu
 
 
 actions = st.one_of(
@@ -50,6 +93,10 @@ actions = st.one_of(
     ),
     st.tuples(st.just("retire"), st.sampled_from(WORKERS), st.booleans()),
     st.tuples(st.just("restart")),
+    st.tuples(st.just("scatter"), st.sampled_from(CLIENTS), st.sampled_from(WORKERS)),
+    st.tuples(st.just("copy"), st.integers(0, 50), st.sampled_from(WORKERS), st.booleans()),
+    st.tuples(st.just("secede"), st.integers(0, 50)),
+    st.tuples(st.just("bandwidth"), st.sampled_from(WORKERS), st.sampled_from([1e6, 5e8, 0.0])),
 )
 
 
@@ -60,17 +107,18 @@ actions = st.one_of(
 )
 @given(
     graphs=st.lists(st.tuples(st.sampled_from(CLIENTS), random_graph()), min_size=1, max_size=3),
-    script=st.lists(actions, max_size=40),
+    warmup=st.integers(0, 8),
+    script=st.lists(actions, min_size=4, max_size=40),
     allowed_failures=st.integers(0, 3),
 )
-def test_random_histories_keep_invariants_and_settle(graphs, script, allowed_failures):
-    h = Harness(allowed_failures=allowed_failures)
+def test_random_histories_keep_invariants_and_settle(graphs, warmup, script, allowed_failures):
+    h = MirroredHarness(ReplicaMirror(), allowed_failures=allowed_failures)
     for address in WORKERS[:2]:
         h.add_worker(address)
     for client in CLIENTS:
         h.add_client(client)
     wanted: dict[str, set[str]] = {c: set() for c in CLIENTS}
-    for n, (client, drawn) in enumerate(graphs):
+    for n, (client, (drawn, gpu)) in enumerate(graphs):
         # Keys are shared across graphs on purpose: later graphs reuse earlier futures.
         prefix = f"g{n % 2}"
         renamed = {prefix + k: tuple(prefix + d for d in deps) for k, deps in drawn.items()}
@@ -78,13 +126,20 @@ def test_random_histories_keep_invariants_and_settle(graphs, script, allowed_fai
         keys = [k for k in graph if not any(k in deps for deps in graph.values())]
         if not keys:
             continue
-        h.submit(graph, keys, client=client)
+        annotations = {prefix + k: {"resources": {"GPU": 1}} for k in gpu}
+        h.submit(graph, keys, client=client, annotations=annotations)
         wanted[client] |= set(keys)
+    scattered = 0
+    # Finish a few tasks first, so that the script finds data in memory to copy and drop.
+    for _ in range(warmup):
+        running = sorted(h.processing(), key=str)
+        if running:
+            h.finish(running[0])
 
     for action in script:
         kind = action[0]
         running = sorted(h.processing(), key=str)
-        tasks = sorted(h.state.tasks, key=str)
+        in_memory = sorted((k for k, ts in h.state.tasks.items() if ts.who_has), key=str)
         if kind in ("finish", "fail", "stale-result") and running:
             key = running[action[1] % len(running)]
             if kind == "finish":
@@ -97,7 +152,7 @@ def test_random_histories_keep_invariants_and_settle(graphs, script, allowed_fai
         elif kind == "kill":
             h.step(ev.WorkerDisconnected(action[1]))
         elif kind == "add" and action[1] not in h.state.workers:
-            h.add_worker(action[1])
+            h.add_worker(action[1], resources=RESOURCES.get(action[1], {}))
         elif kind in ("pause", "resume") and action[1] in h.state.workers:
             status = "paused" if kind == "pause" else "running"
             h.step(ev.WorkerStatusChanged(action[1], status))
@@ -109,10 +164,10 @@ def test_random_histories_keep_invariants_and_settle(graphs, script, allowed_fai
             else:
                 h.step(ev.CancelKeys(action[1], [key]))
             wanted[action[1]].discard(key)
-        elif kind == "drop-replica" and tasks:
-            ts = h.state.tasks[tasks[action[1] % len(tasks)]]
-            for ws in list(ts.who_has)[:1]:
-                h.step(ev.ReleaseWorkerData(ws.address, ts.key))
+        elif kind == "drop-replica" and in_memory:
+            ts = h.state.tasks[in_memory[action[1] % len(in_memory)]]
+            ws = min(ts.who_has, key=lambda w: w.address)
+            h.step(ev.ReleaseWorkerData(ws.address, ts.key))
         elif kind == "leave" and action[1] in h.state.clients:
             h.step(ev.ClientDisconnected(action[1]))
             wanted[action[1]].clear()
@@ -139,14 +194,32 @@ def test_random_histories_keep_invariants_and_settle(graphs, script, allowed_fai
             assert h.state.tasks == {}
             for keys in wanted.values():
                 keys.clear()
+        elif kind == "scatter" and action[2] in h.state.workers:
+            scattered += 1
+            key = f"s{scattered}"
+            h.step(ev.DataPlaced(action[1], {key: [action[2]]}, {key: 8}))
+            wanted[action[1]].add(key)
+        elif kind == "copy" and in_memory and action[2] in h.state.workers:
+            # A worker reports a replica it fetched, or update_data without a client.
+            key = in_memory[action[1] % len(in_memory)]
+            if action[3]:
+                h.step(ev.AddKeys(action[2], [key]))
+            else:
+                h.step(ev.DataPlaced(None, {key: [action[2]]}, {key: 8}))
+        elif kind == "secede" and running:
+            key = running[action[1] % len(running)]
+            h.step(ev.LongRunning(h.state.tasks[key].processing_on.address, key))
+        elif kind == "bandwidth":
+            h.step(ev.BandwidthReported(action[1], action[2]))
 
     # Settle: make sure a worker runs, then finish everything.
     for address in WORKERS:
         if address not in h.state.workers:
-            h.add_worker(address)
+            h.add_worker(address, resources=RESOURCES.get(address, {}))
         else:
             h.step(ev.WorkerStatusChanged(address, "running"))
     h.run_until_idle()
+    assert not h.state.no_worker and not h.state.unplaceable
     for client, keys in wanted.items():
         cs = h.state.clients.get(client)
         for key in keys:

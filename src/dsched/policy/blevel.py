@@ -11,20 +11,34 @@ ties). Each goes to the worker where it can start earliest::
     fetch(w) = bytes of its inputs w does not hold / bandwidth
 
 The mean task duration is a moving average of measured durations (``unknown-task-duration``
-until one is measured); bandwidth is ``distributed.scheduler.bandwidth``. Candidates are the
+until one is measured); bandwidth is ``distributed.scheduler.bandwidth`` until the runtime
+measures it from the workers' transfers (``BandwidthMeasured``, wanted). Candidates are the
 holders of its inputs plus the least loaded worker (O(inputs) per task), or every allowed
 worker for a restricted task. No queue and no stealing: every decision is final.
+
+Where the inputs are comes from the live replica map (``ReplicaAdded`` / ``ReplicaRemoved``,
+wanted; see ``common``) rather than from the holders listed when the task became ready, so
+copies made by other tasks' fetches reported in the same batch count as local. That costs
+the runtime about one event per replica freed or fetched.
 """
 
 from __future__ import annotations
 
 from dsched.policy.common import BasePolicy, PolicyConfig
-from dsched.policy.protocol import Decision, TaskDone
+from dsched.policy.protocol import (
+    BandwidthMeasured,
+    Decision,
+    ReplicaAdded,
+    ReplicaRemoved,
+    TaskDone,
+)
 
 DURATION_SMOOTHING = 0.05
 
 
 class BLevelPolicy(BasePolicy):
+    wants = frozenset({BandwidthMeasured, ReplicaAdded, ReplicaRemoved})
+
     def __init__(self, config: PolicyConfig | None = None) -> None:
         super().__init__(config)
         self._mean_duration = self.config.unknown_task_duration
@@ -41,7 +55,7 @@ class BLevelPolicy(BasePolicy):
     def schedule(self) -> list[Decision]:
         if not self.pending:
             return []
-        bandwidth = self.config.bandwidth
+        bandwidth = self.bandwidth
         mean = self._mean_duration
         # Earliest start: the later of draining the worker's queue and fetching the inputs.
         return self.place_by_blevel(

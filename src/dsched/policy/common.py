@@ -21,7 +21,18 @@ then asks the subclass to ``schedule()`` what is pending and, if the policy stea
 * Restrictions: ``candidates(event)`` returns None for an unrestricted task (any running
   worker) or the running workers that satisfy ``allowed``/``resources`` (falling back to any
   running worker offering the resources when the restriction is loose and no allowed worker
-  runs). Restricted tasks are never stolen.
+  runs). Restricted tasks are never stolen. When there is no candidate, ``no_worker(event)``
+  says which of the two cases it is: ``Unplaceable`` when no worker at all (running or not)
+  satisfies the restrictions (``unplaceable_reason``, O(workers), only on this path), else
+  ``NoWorker``.
+* Optional events (a subclass lists them in ``wants``): ``BandwidthMeasured`` replaces the
+  configured bandwidth (``self.bandwidth``). With ``ReplicaAdded`` wanted, ``replicas`` maps
+  each task in memory to the workers holding it (from ``TaskDone(nbytes=...)``,
+  ``ReplicaAdded`` and ``ReplicaRemoved``), and ``local_bytes`` counts what each worker
+  holds *now*, not when the task became ready (``TaskReady.inputs``): copies made since, by
+  other tasks' fetches in the same batch or while the task waited in a queue, count. Ids of
+  removed workers may linger in ``replicas`` (never reused, they match no running worker)
+  until the task's entry goes.
 * Stealing (``balance``, once per batch, O(workers + steals)): a running worker with fewer
   tasks than threads (counting steals on their way to it) takes tasks from the worker with
   the largest surplus of assigned-but-probably-not-started tasks, newest assignments first.
@@ -33,14 +44,18 @@ Nothing here reads a clock, draws unseeded randomness or does I/O.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 from dsched.policy.protocol import (
     Assignment,
+    BandwidthMeasured,
     Decision,
     NoWorker,
     PolicyEvent,
+    ReplicaAdded,
+    ReplicaRemoved,
     Steal,
     StealResult,
     TaskAdded,
@@ -48,6 +63,7 @@ from dsched.policy.protocol import (
     TaskDone,
     TaskForgotten,
     TaskReady,
+    Unplaceable,
     WorkerAdded,
     WorkerRemoved,
     WorkerStatus,
@@ -93,6 +109,33 @@ class WorkerInfo:
         return f"<WorkerInfo {self.id} tasks={len(self.assigned)} running={self.running}>"
 
 
+class OffersResources(Protocol):
+    def offers(self, resources: tuple[tuple[str, float], ...]) -> bool: ...
+
+
+def unplaceable_reason(event: TaskReady, workers: Mapping[int, OffersResources]) -> str | None:
+    """Why no worker of the cluster (running or not) can ever run the task, or None if one
+    can, or if there are no workers at all (a cluster still starting is not a mistake).
+
+    ``event.allowed`` holds the registered workers the restriction names (the runtime
+    resolves addresses, hosts and names). A loose restriction may fall back to any worker
+    offering the resources."""
+    allowed = event.allowed
+    if not workers or (allowed is None and not event.resources):
+        return None
+    strict = allowed is not None and not event.loose
+    if allowed is not None and strict:
+        pool = [workers[w] for w in allowed if w in workers]
+        if not pool:
+            return "none of the workers it is restricted to is connected"
+    else:
+        pool = list(workers.values())
+    if any(w.offers(event.resources) for w in pool):
+        return None
+    which = "allowed worker" if strict else "worker"
+    return f"no {which} offers resources {dict(event.resources)}"
+
+
 class LoadIndex:
     """The running worker with the lowest key, in O(log n) amortised (lazy deletion)."""
 
@@ -129,6 +172,8 @@ class BasePolicy:
 
     # Whether ``balance`` runs after every batch (subclasses or config switch it on).
     steals = False
+    # The optional events to receive (``protocol.wanted_events``); handled here.
+    wants: ClassVar[frozenset[type]] = frozenset()
 
     def __init__(self, config: PolicyConfig | None = None) -> None:
         self.config = config if config is not None else PolicyConfig()
@@ -146,6 +191,11 @@ class BasePolicy:
         self.dependents: dict[int, set[int]] = {}
         self.blevel: dict[int, int] = {}
         self.now = 0.0
+        # distributed.scheduler.bandwidth until the runtime measures it (BandwidthMeasured).
+        self.bandwidth = self.config.bandwidth
+        self.tracks_replicas = ReplicaAdded in self.wants
+        self.replicas: dict[int, set[int]] = {}  # task in memory -> holders (if tracked)
+        self.result_nbytes: dict[int, int] = {}  # task in memory -> size (if tracked)
 
     # ------------------------------------------------------------------ entry point
     def handle(self, events: Sequence[PolicyEvent], now: float) -> list[Decision]:
@@ -157,6 +207,11 @@ class BasePolicy:
                 self.on_ready(event)
             elif isinstance(event, TaskDone):
                 self._task_done(event)
+            # Next in frequency when wanted (about one per task freed or fetched).
+            elif isinstance(event, ReplicaRemoved):
+                self._replica_removed(event.task, event.worker)
+            elif isinstance(event, ReplicaAdded):
+                self._replica_added(event.task, event.worker, event.nbytes)
             elif isinstance(event, TaskAdded):
                 added.append(event)
             elif isinstance(event, TaskCancelled):
@@ -175,6 +230,8 @@ class BasePolicy:
                 self._worker_removed(event.worker)
             elif isinstance(event, WorkerStatus):
                 self._worker_status(event)
+            elif isinstance(event, BandwidthMeasured):
+                self.bandwidth = event.bytes_per_second
         if added:
             self._graph_added(added)
         decisions = self.schedule()
@@ -217,8 +274,13 @@ class BasePolicy:
         self.input_bytes[task] = sum(i.nbytes for i in event.inputs)
         return Assignment(task, worker.id)
 
-    def no_worker(self, event: TaskReady) -> NoWorker:
+    def no_worker(self, event: TaskReady) -> NoWorker | Unplaceable:
+        """The task has no candidate now: ``Unplaceable`` if no worker could ever run it,
+        else ``NoWorker``."""
         self.pending.pop(event.task, None)
+        reason = unplaceable_reason(event, self.workers)
+        if reason is not None:
+            return Unplaceable(event.task, reason)
         return NoWorker(event.task)
 
     def candidates(self, event: TaskReady) -> list[WorkerInfo] | None:
@@ -243,14 +305,40 @@ class BasePolicy:
         self, event: TaskReady, eligible: dict[int, WorkerInfo] | None
     ) -> tuple[dict[int, int], int]:
         """Bytes of the task's inputs each running (eligible) holder has, and the total."""
+        running = self.running if eligible is None else eligible
+        if self.tracks_replicas:
+            live = self._live_local_bytes(event.task, running)
+            if live is not None:
+                return live
         local: dict[int, int] = {}
         total = 0
-        running = self.running if eligible is None else eligible
         for task_input in event.inputs:
             total += task_input.nbytes
             for holder in task_input.holders:
                 if holder in running:
                     local[holder] = local.get(holder, 0) + task_input.nbytes
+        return local, total
+
+    def _live_local_bytes(
+        self, task: int, running: dict[int, WorkerInfo]
+    ) -> tuple[dict[int, int], int] | None:
+        """``local_bytes`` from the replica map; None if an input is not in it (then the
+        ready event's snapshot is what there is)."""
+        dependencies = self.dependencies.get(task)
+        if dependencies is None:
+            return None
+        local: dict[int, int] = {}
+        total = 0
+        replicas = self.replicas
+        for dep in dependencies:
+            holders = replicas.get(dep)
+            if holders is None:
+                return None
+            nbytes = self.result_nbytes[dep]
+            total += nbytes
+            for holder in holders:
+                if holder in running:
+                    local[holder] = local.get(holder, 0) + nbytes
         return local, total
 
     def place_by_blevel(
@@ -314,6 +402,8 @@ class BasePolicy:
 
     # ------------------------------------------------------------------ events
     def _task_done(self, event: TaskDone) -> None:
+        if event.nbytes is not None and self.tracks_replicas:
+            self._replica_added(event.task, event.worker, event.nbytes)
         self._remove_load(event.task, event.worker)
         if event.task not in self.placed:
             self.restricted.discard(event.task)
@@ -336,6 +426,22 @@ class BasePolicy:
     def estimate_of_task(self, task: int) -> float:
         """Estimate for a task moved by a steal (its TaskReady is gone)."""
         return 1.0
+
+    def _replica_added(self, task: int, worker: int, nbytes: int) -> None:
+        holders = self.replicas.get(task)
+        if holders is None:
+            self.replicas[task] = {worker}
+        else:
+            holders.add(worker)
+        self.result_nbytes[task] = nbytes
+
+    def _replica_removed(self, task: int, worker: int) -> None:
+        holders = self.replicas.get(task)
+        if holders is not None:
+            holders.discard(worker)
+            if not holders:
+                del self.replicas[task]
+                del self.result_nbytes[task]
 
     def _worker_added(self, event: WorkerAdded) -> None:
         worker = WorkerInfo(event)
@@ -405,6 +511,8 @@ class BasePolicy:
         self.dependents.pop(task, None)
         self.blevel.pop(task, None)
         self.unstealable.discard(task)
+        if self.replicas.pop(task, None) is not None:
+            del self.result_nbytes[task]
         self.on_forgotten(task)
 
     # ------------------------------------------------------------------ stealing

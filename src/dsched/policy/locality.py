@@ -2,9 +2,12 @@
 
 Theory of operation
 -------------------
-Every ready task is placed at once (no scheduler-side queue): the worker keeps its own
-priority queue and runs ``nthreads`` tasks at a time, so short tasks never wait on a round
-trip to the scheduler. Two rules:
+Every ready task is placed in the batch it arrives in (no scheduler-side queue): the worker
+keeps its own priority queue and runs ``nthreads`` tasks at a time, so short tasks never wait
+on a round trip to the scheduler. The batch's events are folded first (finished tasks,
+worker changes), then its ready tasks are placed in priority order, so the result depends
+neither on the order in which the runtime listed them nor on where in the batch a worker
+appeared. Two rules:
 
 * Root tasks (no inputs, no restrictions) that become ready in the same batch are sorted by
   priority and cut into contiguous blocks, one per worker, sized so every worker ends up with
@@ -16,22 +19,30 @@ trip to the scheduler. Two rules:
   inputs and the least loaded worker are candidates, so the cost is O(inputs + workers).
 
 Load is the set of tasks assigned to a worker and not yet reported done; ``TaskDone`` removes
-one. The mean duration is a moving average of the durations workers report.
+one. The mean duration is a moving average of the durations workers report; the bandwidth is
+the configured one until the runtime measures it (``BandwidthMeasured``, wanted).
+
+A task with no running candidate is ``Unplaceable`` if no worker at all satisfies its
+restrictions (``common.unplaceable_reason``), else ``NoWorker``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 
+from dsched.policy.common import unplaceable_reason
 from dsched.policy.protocol import (
     Assignment,
+    BandwidthMeasured,
     Decision,
     NoWorker,
     PolicyEvent,
     TaskCancelled,
     TaskDone,
     TaskReady,
+    Unplaceable,
     WorkerAdded,
     WorkerRemoved,
     WorkerStatus,
@@ -43,6 +54,8 @@ DEFAULT_BANDWIDTH = 100e6
 UNKNOWN_TASK_DURATION = 0.5
 # Weight of the newest measurement in the moving average of task durations.
 DURATION_SMOOTHING = 0.05
+# Placement order within a batch: Dask priority, then task id (C-level key).
+_PRIORITY_ORDER = attrgetter("priority", "task")
 
 
 @dataclass(slots=True)
@@ -61,20 +74,18 @@ class _Worker:
 
 
 class LocalityPolicy:
+    wants = frozenset({BandwidthMeasured})
+
     def __init__(self, bandwidth: float = DEFAULT_BANDWIDTH) -> None:
         self._bandwidth = bandwidth
         self._workers: dict[int, _Worker] = {}
         self._mean_duration = UNKNOWN_TASK_DURATION
 
     def handle(self, events: Sequence[PolicyEvent], now: float) -> list[Decision]:
-        decisions: list[Decision] = []
-        roots: list[TaskReady] = []
+        ready: dict[int, TaskReady] = {}
         for event in events:
             if isinstance(event, TaskReady):
-                if event.inputs or event.allowed is not None or event.resources:
-                    decisions.append(self._place(event))
-                else:
-                    roots.append(event)
+                ready[event.task] = event
             elif isinstance(event, TaskDone):
                 self._task_done(event)
             elif isinstance(event, WorkerAdded):
@@ -87,11 +98,24 @@ class LocalityPolicy:
                 worker = self._workers.get(event.worker)
                 if worker is not None:
                     worker.running = event.running
+            elif isinstance(event, BandwidthMeasured):
+                self._bandwidth = event.bytes_per_second
             elif isinstance(event, TaskCancelled):
-                pass  # nothing is queued here: every ready task was decided when it arrived
+                ready.pop(event.task, None)  # nothing is queued across batches
+        decisions: list[Decision] = []
+        roots: list[TaskReady] = []
+        for event in sorted(ready.values(), key=_PRIORITY_ORDER):
+            if event.inputs or event.allowed is not None or event.resources:
+                decisions.append(self._place(event) or self._cannot_place(event))
+            else:
+                roots.append(event)
         if roots:
             decisions.extend(self._place_roots(roots))
         return decisions
+
+    def _cannot_place(self, event: TaskReady) -> NoWorker | Unplaceable:
+        reason = unplaceable_reason(event, self._workers)
+        return NoWorker(event.task) if reason is None else Unplaceable(event.task, reason)
 
     def _task_done(self, event: TaskDone) -> None:
         worker = self._workers.get(event.worker)
@@ -113,10 +137,11 @@ class LocalityPolicy:
             return allowed
         return running
 
-    def _place(self, event: TaskReady) -> Decision:
+    def _place(self, event: TaskReady) -> Assignment | None:
+        """Assign the task to its best running candidate, or None if it has none."""
         candidates = self._candidates(event)
         if not candidates:
-            return NoWorker(event.task)
+            return None
         by_id = {w.id: w for w in candidates}
         local_bytes = dict.fromkeys(by_id, 0)
         total_bytes = 0
@@ -140,7 +165,6 @@ class LocalityPolicy:
         workers = sorted((w for w in self._workers.values() if w.running), key=lambda w: w.id)
         if not workers:
             return [NoWorker(event.task) for event in roots]
-        roots.sort(key=lambda event: event.priority)
         total_threads = sum(w.nthreads for w in workers)
         total_load = sum(len(w.assigned) for w in workers) + len(roots)
         decisions: list[Decision] = []

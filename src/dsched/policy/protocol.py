@@ -25,8 +25,22 @@ policy answers with decisions:
   these; one that does not simply ignores them.
 * ``TaskForgotten``: the runtime dropped the task for good; the id is never reused.
 
-Decisions: ``Assignment(task, worker)`` runs the task there; ``NoWorker(task)`` says no
-running worker can take it now (the runtime parks it and offers it again when workers change).
+Decisions: ``Assignment(task, worker)`` runs the task there. When a policy cannot place a
+task it says why, because the two cases wait for different things:
+
+* ``NoWorker(task)``: a worker that satisfies the task's restrictions exists but none of them
+  is running now (paused, retiring), or there are no workers at all yet. The runtime parks
+  the task in ``no-worker`` and offers it again when a worker is added or starts running.
+* ``Unplaceable(task, reason)``: no worker of the cluster, running or not, satisfies the
+  restrictions (``resources={"GPU": 1}`` that no worker offers, ``workers=[...]`` naming no
+  registered worker). The runtime parks it in ``no-worker`` too (clusters scale: Dask waits
+  for a suitable worker to join), offers it again only when a worker is *added*, and logs
+  one warning per task (aggregated per batch and reason), not one per offer. ``reason`` is
+  a short human text ("no worker offers resources {'GPU': 1}").
+
+Decide either only after folding the whole batch: a ``WorkerAdded`` later in the same batch
+may be the worker the task needs, and the runtime offers parked tasks only for events that
+come *after* the task was parked.
 
 Work stealing: ``Steal(task, worker)`` asks the runtime to move a *processing* task to
 ``worker`` (the thief). The runtime sends Dask's ``steal-request`` to the worker running it
@@ -41,6 +55,39 @@ answered by exactly one ``StealResult(task, victim, thief, stolen)``:
   the victim had already started it, or the task left the victim (finished, erred, released,
   victim died) while the request was in flight: then its ``TaskDone`` came as usual. When the
   victim released the task but the thief is gone, the task is offered again (``TaskReady``).
+
+Optional events
+---------------
+Three events are sent only to a policy that asks for them, because most policies do not need
+them and the runtime should not pay for building them. A policy lists the ones it wants in a
+class attribute, read once when the runtime is made (``wanted_events``); the default (no
+attribute) is none::
+
+    class MyPolicy:
+        wants = frozenset({ReplicaAdded, ReplicaRemoved, BandwidthMeasured})
+
+* ``ReplicaAdded(task, worker, nbytes)``: ``worker`` gained a copy of the task's result other
+  than by computing it for an assignment: fetched as a dependency of a task it runs or on
+  the scheduler's request (``add-keys``: retire, replicate), scattered or placed by
+  ``update_data``, or computed a second time while the task was already in memory. Also the
+  result of a task that seceded (``long-running``), whose ``TaskDone`` went out when it
+  seceded. A result computed for an assignment is ``TaskDone(nbytes=...)``, not this.
+* ``ReplicaRemoved(task, worker)``: ``worker`` no longer holds the result: freed because
+  nobody needs it, dropped by the worker (``release-worker-data``), or the task was
+  released. A worker that leaves loses every replica it held *without* one event per
+  replica: ``WorkerRemoved`` says it (so a policy drops the worker from its replica map, or
+  ignores ids of removed workers, which are never reused). With these, ``TaskDone`` and
+  ``WorkerRemoved``, a policy's map ``task -> holders`` equals the runtime's ``who_has``
+  after every batch (the property test checks it).
+* ``BandwidthMeasured(bytes_per_second)``: the runtime's estimate of the transfer bandwidth
+  between workers changed noticeably (by more than ``BANDWIDTH_CHANGE``). Until the first
+  one, the configured ``distributed.scheduler.bandwidth`` holds. The estimate follows Dask's
+  ``heartbeat_worker``: each worker heartbeat carries the worker's own estimate (a moving
+  average over its transfers larger than 1 MB, with exact byte counts), blended in with
+  weight ``1 / number of workers``. Why not a per-transfer event: the worker messages that
+  describe single transfers (``startstops`` entries ``{"action": "transfer", "start",
+  "stop", "source"}`` attached to one task per gather) carry no byte count, and one event per
+  transfer would cost on the hot path what one per heartbeat costs per half second.
 
 Every record is a frozen, slotted dataclass of ints, floats, tuples and strings, so the same
 messages can cross a process boundary unchanged. Task and worker ids are small ints chosen by
@@ -139,6 +186,32 @@ class StealResult:
     stolen: bool
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicaAdded:
+    """``worker`` holds a copy of ``task``'s result, not computed there for an assignment
+    (optional: see ``wants``)."""
+
+    task: int
+    worker: int
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaRemoved:
+    """``worker`` no longer holds ``task``'s result (optional; not sent when the worker
+    itself leaves: ``WorkerRemoved`` covers its replicas)."""
+
+    task: int
+    worker: int
+
+
+@dataclass(frozen=True, slots=True)
+class BandwidthMeasured:
+    """The runtime's estimate of the transfer bandwidth between workers (optional)."""
+
+    bytes_per_second: float
+
+
 PolicyEvent = (
     WorkerAdded
     | WorkerRemoved
@@ -149,7 +222,29 @@ PolicyEvent = (
     | TaskAdded
     | TaskForgotten
     | StealResult
+    | ReplicaAdded
+    | ReplicaRemoved
+    | BandwidthMeasured
 )
+
+# Events a policy receives only if its ``wants`` attribute lists them.
+OPTIONAL_EVENTS: frozenset[type] = frozenset({ReplicaAdded, ReplicaRemoved, BandwidthMeasured})
+# The relative change of the bandwidth estimate that is worth a BandwidthMeasured.
+BANDWIDTH_CHANGE = 0.05
+
+
+def wanted_events(policy: object) -> frozenset[type]:
+    """The optional events ``policy`` asked for with its ``wants`` attribute (none without).
+
+    Read once, when the runtime is made for the policy; anything that is not an optional
+    event is a mistake in the policy and refused."""
+    wants = frozenset(getattr(policy, "wants", frozenset()))
+    unknown = wants - OPTIONAL_EVENTS
+    if unknown:
+        names = sorted(getattr(t, "__name__", repr(t)) for t in unknown)
+        optional = sorted(t.__name__ for t in OPTIONAL_EVENTS)
+        raise ValueError(f"{type(policy).__name__}.wants: {names} are not among {optional}")
+    return wants
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +259,15 @@ class NoWorker:
 
 
 @dataclass(frozen=True, slots=True)
+class Unplaceable:
+    """No worker of the cluster, running or not, satisfies the task's restrictions; the task
+    waits for one to join. ``reason`` says what is missing, for the scheduler's log."""
+
+    task: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Steal:
     """Move a processing task to ``worker`` if its current worker has not started it."""
 
@@ -171,11 +275,15 @@ class Steal:
     worker: int
 
 
-Decision = Assignment | NoWorker | Steal
+Decision = Assignment | NoWorker | Unplaceable | Steal
 
 
 class Policy(Protocol):
-    """A placement policy: pure, deterministic given its seed, never reads the clock."""
+    """A placement policy: pure, deterministic given its seed, never reads the clock.
+
+    It may also have a ``wants`` attribute (a frozenset of ``OPTIONAL_EVENTS`` classes, see
+    the module docstring); a Protocol cannot declare an optional attribute, so
+    ``wanted_events(policy)`` reads it."""
 
     def handle(self, events: Sequence[PolicyEvent], now: float) -> list[Decision]:
         """Take a batch of events (in order) and return the decisions they lead to."""

@@ -3,11 +3,13 @@
 Theory of operation
 -------------------
 ``PolicyProcess(name, config)`` starts a child process (``spawn``) that builds the policy with
-``make_policy`` and then serves one request at a time over a pipe: the parent sends the
-batch of ``PolicyEvent`` records and ``now``, the child answers with the list of
-``Decision`` records. The records cross the boundary pickled, and the receiving side
-unpickles only the record classes of ``dsched.policy.protocol`` (plus the builtins they are
-made of), so the messages are exactly the in-process ones and nothing else.
+``make_policy``, sends the optional events it wants (``wanted_events``: the parent reads
+them into ``PolicyProcess.wants`` on first use, so the runtime sends the same events as in
+process), and then serves one request at a time over a pipe: the parent sends the batch of
+``PolicyEvent`` records and ``now``, the child answers with the list of ``Decision``
+records. The records cross the boundary pickled, and the receiving side unpickles only the
+record classes of ``dsched.policy.protocol`` (plus the builtins they are made of), so the
+messages are exactly the in-process ones and nothing else.
 
 ``handle`` is synchronous: the reactor's flush waits for the answer (one pipe round trip per
 tick, not per task). If the child dies, ``handle`` raises ``PolicyProcessError``.
@@ -16,6 +18,7 @@ tick, not per task). If the child dies, ``handle`` raises ``PolicyProcessError``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import multiprocessing
 import pickle
@@ -27,7 +30,7 @@ import dask
 
 from dsched.policy import PolicyConfig, make_policy
 from dsched.policy import protocol as protocol_module
-from dsched.policy.protocol import Decision, PolicyEvent
+from dsched.policy.protocol import OPTIONAL_EVENTS, Decision, PolicyEvent, wanted_events
 
 _ALLOWED_BUILTINS = frozenset({"frozenset", "tuple", "list", "set", "dict", "float", "int"})
 
@@ -36,9 +39,20 @@ class PolicyProcessError(RuntimeError):
     """The policy process died or answered something that is not a list of decisions."""
 
 
+def _is_record_class(obj: object) -> bool:
+    """A dataclass defined in ``protocol`` (not a function or an import of that module)."""
+    return (
+        isinstance(obj, type)
+        and obj.__module__ == protocol_module.__name__
+        and dataclasses.is_dataclass(obj)
+    )
+
+
 class _RecordUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if module == protocol_module.__name__ and hasattr(protocol_module, name):
+        if module == protocol_module.__name__ and _is_record_class(
+            getattr(protocol_module, name, None)
+        ):
             return getattr(protocol_module, name)
         if module == "builtins" and name in _ALLOWED_BUILTINS:
             return getattr(__import__("builtins"), name)
@@ -76,6 +90,7 @@ def dask_policy_config(seed: int = 0) -> PolicyConfig:
 
 def _serve(conn: Connection, name: str, config: PolicyConfig) -> None:
     policy = make_policy(name, config)
+    conn.send_bytes(dumps(wanted_events(policy)))
     while True:
         try:
             request = conn.recv_bytes()
@@ -101,12 +116,31 @@ class PolicyProcess:
         )
         self._process.start()
         child_conn.close()
+        self._wants: frozenset[type] | None = None
+
+    @property
+    def wants(self) -> frozenset[type]:
+        """The optional events the policy in the child wants (``wanted_events``)."""
+        return self._receive_wants()
+
+    def _receive_wants(self) -> frozenset[type]:
+        """The child's first message, read once (waits for the child to build its policy)."""
+        if self._wants is None:
+            try:
+                wants = loads(self._conn.recv_bytes())
+            except (EOFError, OSError) as exc:
+                raise PolicyProcessError(f"the policy process is gone: {exc!r}") from exc
+            if not isinstance(wants, frozenset) or not wants <= OPTIONAL_EVENTS:
+                raise PolicyProcessError(f"the policy process wants {wants!r:.200}")
+            self._wants = wants
+        return self._wants
 
     @property
     def pid(self) -> int | None:
         return self._process.pid
 
     def handle(self, events: Sequence[PolicyEvent], now: float) -> list[Decision]:
+        self._receive_wants()  # the child's first message comes before any answer
         try:
             self._conn.send_bytes(dumps((list(events), now)))
             answer = loads(self._conn.recv_bytes())

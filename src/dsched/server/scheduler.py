@@ -41,8 +41,9 @@ import dsched
 from dsched.comm import CommClosedError, ConnectionPool, TLSSettings, listen
 from dsched.comm.tcp import Comm, Listener
 from dsched.graph import GraphIntakeError, intake_update_graph
-from dsched.policy.protocol import Policy
+from dsched.policy.protocol import Policy, wanted_events
 from dsched.server.errors import error_reply, killed_worker, pickled_exception
+from dsched.server.policy_process import dask_policy_config
 from dsched.state import events as ev
 from dsched.state.machine import SchedulerState
 from dsched.state.outbox import Outbox
@@ -148,6 +149,16 @@ def compute_duration(startstops: Iterable[Any]) -> float | None:
     return total
 
 
+def _reported_bandwidth(metrics: Any) -> float | None:
+    """A heartbeat's ``metrics["bandwidth"]["total"]`` (the worker's transfer bandwidth
+    estimate, bytes/s) if it is a positive number, else None."""
+    bandwidth = metrics.get("bandwidth") if isinstance(metrics, dict) else None
+    total = bandwidth.get("total") if isinstance(bandwidth, dict) else None
+    if isinstance(total, int | float) and not isinstance(total, bool) and total > 0:
+        return float(total)
+    return None
+
+
 class WorkerRecord:
     """What the shell keeps per worker besides the state machine's view: its stream and the
     details ``identity`` reports."""
@@ -193,7 +204,12 @@ class Scheduler:
         if worker_ttl is None:
             ttl = dask.config.get("distributed.scheduler.worker-ttl")
             worker_ttl = parse_timedelta(ttl) if ttl else None
-        self.state = SchedulerState(killed_worker=killed_worker, allowed_failures=allowed_failures)
+        self.state = SchedulerState(
+            killed_worker=killed_worker,
+            allowed_failures=allowed_failures,
+            wants=wanted_events(policy),
+            bandwidth=dask_policy_config().bandwidth,
+        )
         self.policy = policy
         self.host = host
         self.port = port
@@ -580,7 +596,7 @@ class Scheduler:
             )
         )
         if self.trace is not None:
-            self.trace.graph(client, intake.tasks, arrived, time.time())
+            self.trace.graph(client, intake, keys, arrived, time.time())
 
     def _client_desires_keys(self, client: str, msg: dict[str, Any]) -> None:
         self._handle(ev.ClientDesiresKeys(_client_id(msg, client), _keys(msg["keys"])))
@@ -653,6 +669,8 @@ class Scheduler:
                 status=str(request.get("status") or "running"),
             )
         )
+        if self.trace is not None:
+            self.trace.worker(address, int(request.get("nthreads") or 1), now)
         comm.write(
             {
                 "status": "OK",
@@ -789,6 +807,9 @@ class Scheduler:
         record.last_seen = now
         if metrics:
             record.metrics = metrics
+            bandwidth = _reported_bandwidth(metrics)
+            if bandwidth is not None:
+                self._handle(ev.BandwidthReported(address, bandwidth))
         return {
             "status": "OK",
             "time": now,
@@ -1189,4 +1210,6 @@ class Scheduler:
             "valid": valid,
             "invalid_reason": invalid_reason,
             "rss": _rss_bytes(),
+            # Transfer bandwidth estimate, bytes/s (configured, then from heartbeats).
+            "bandwidth": self.state.bandwidth,
         }

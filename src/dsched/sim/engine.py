@@ -21,6 +21,17 @@ Workers are modelled as Dask workers behave, at the level the scheduler can see:
 * ``steal-request`` answers ``steal-response`` with the local state (``waiting`` while
   fetching, ``ready`` while queued: both give the task up; ``executing``, ``memory``, or None
   for an unknown key).
+* Bandwidth: each worker keeps Dask's estimate (``assumed_bandwidth`` at first, then a 0.95 /
+  0.05 moving average of each fetch of more than 1 MB, timed from the start of the transfer
+  to its arrival) and reports it in a heartbeat (``BandwidthReported``) every
+  ``HEARTBEAT_INTERVAL`` while it has work; idle workers skip heartbeats so that a finished
+  or deadlocked run runs out of events.
+
+The runtime turns these into the optional policy events the policy asked for: fetched
+replicas (``add-keys``) and ``release-worker-data`` into ``ReplicaAdded`` /
+``ReplicaRemoved``, heartbeats into ``BandwidthMeasured``. A task the policy declares
+``Unplaceable`` waits in ``no-worker`` as in a real scheduler; its warning is in
+``SimResult.warnings``, and a run that cannot finish because of it says so.
 
 Memory per worker is the sum of the output sizes it holds (results and replicas); the peak is
 reported. Event order is total (time, then sequence number) and nothing is random except the
@@ -34,13 +45,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsched.policy.protocol import Policy, StealResult
+from dsched.policy.protocol import Policy, StealResult, wanted_events
 from dsched.sim.graphs import Key, SimGraph
 from dsched.state import events as ev
 from dsched.state.machine import SchedulerState
 from dsched.state.outbox import Message, Outbox
 
 CLIENT = "sim-client"
+# Dask's heartbeat interval for clusters of up to 10 workers (seconds).
+HEARTBEAT_INTERVAL = 0.5
+# Dask workers fold only transfers larger than this into their bandwidth estimate.
+BANDWIDTH_MIN_BYTES = 1_000_000
 
 
 class SimulationError(Exception):
@@ -57,6 +72,9 @@ class ClusterSpec:
     join_times: tuple[float, ...] = ()
     # Abstract resources per worker index, e.g. {0: {"GPU": 1}}.
     resources: tuple[tuple[int, tuple[tuple[str, float], ...]], ...] = ()
+    # distributed.scheduler.bandwidth: what the scheduler and the workers assume before they
+    # measure transfers. None: the true ``bandwidth`` (nothing to learn).
+    assumed_bandwidth: float | None = None
 
     def address(self, index: int) -> str:
         return f"tcp://10.0.0.{index + 1}:8000"
@@ -86,6 +104,8 @@ class SimResult:
     steals_succeeded: int
     executions: list[Execution] = field(default_factory=list)
     placement: dict[Key, str] = field(default_factory=dict)  # where each result was computed
+    warnings: list[str] = field(default_factory=list)  # what the scheduler logged as warnings
+    bandwidth_estimate: float = 0.0  # the runtime's estimate at the end of the run
 
 
 class _WTask:
@@ -114,6 +134,8 @@ class _Worker:
         self.fetching: dict[Key, list[Key]] = {}
         self.link_free = 0.0
         self.cancelled: set[Key] = set()  # executing tasks the scheduler freed
+        self.bandwidth = sim.assumed_bandwidth  # this worker's estimate, as a Dask worker's
+        self.heartbeat_scheduled = False
 
     # ---------------------------------------------------------------- memory
     def _store(self, key: Key, nbytes: int) -> None:
@@ -133,6 +155,7 @@ class _Worker:
         op = msg["op"]
         if op == "compute-task":
             self._compute(msg)
+            self._schedule_heartbeat()
         elif op == "free-keys":
             for key in msg["keys"]:
                 self._free(key)
@@ -160,7 +183,12 @@ class _Worker:
             return
         task = _WTask(key, msg["run_id"], msg["priority"])
         self.tasks[key] = task
-        for dep, holders in msg["who_has"].items():
+        # In graph order, not message order: the runtime lists inputs in set order, which
+        # differs from run to run, and the order decides which fetch uses the link first.
+        order = self.sim.graph.order
+        who_has = msg["who_has"]
+        for dep in sorted(who_has, key=lambda d: order.get(d, 0)):
+            holders = who_has[dep]
             if dep in self.data:
                 continue
             task.missing.add(dep)
@@ -184,9 +212,13 @@ class _Worker:
         self.link_free = start + nbytes / sim.cluster.bandwidth
         sim.bytes_transferred += nbytes
         sim.transfers += 1
-        sim.at(self.link_free + sim.cluster.latency, self._fetched, dep, nbytes)
+        sim.at(self.link_free + sim.cluster.latency, self._fetched, dep, nbytes, start)
 
-    def _fetched(self, dep: Key, nbytes: int) -> None:
+    def _fetched(self, dep: Key, nbytes: int, start: float) -> None:
+        if nbytes > BANDWIDTH_MIN_BYTES:
+            # distributed.worker.Worker._update_metrics_received_data
+            measured = nbytes / max(0.001, self.sim.now - start)
+            self.bandwidth = self.bandwidth * 0.95 + measured * 0.05
         waiting = self.fetching.pop(dep, [])
         self._store(dep, nbytes)
         self.sim.to_scheduler(ev.AddKeys(self.address, [dep]))
@@ -241,6 +273,17 @@ class _Worker:
                 del self.tasks[key]
         self._drop(key)
 
+    def _schedule_heartbeat(self) -> None:
+        if not self.heartbeat_scheduled:
+            self.heartbeat_scheduled = True
+            self.sim.at(self.sim.now + HEARTBEAT_INTERVAL, self._heartbeat)
+
+    def _heartbeat(self) -> None:
+        self.heartbeat_scheduled = False
+        self.sim.to_scheduler(ev.BandwidthReported(self.address, self.bandwidth))
+        if self.tasks or self.fetching:
+            self._schedule_heartbeat()
+
     def _steal(self, key: Key, stimulus_id: str) -> None:
         task = self.tasks.get(key)
         state: str | None
@@ -273,7 +316,14 @@ class Simulation:
         self.cluster = cluster if cluster is not None else ClusterSpec()
         self.max_time = max_time
         self.validate = validate
-        self.state = SchedulerState(killed_worker=lambda key, address, n: ("KilledWorker", key))
+        assumed = self.cluster.assumed_bandwidth
+        self.assumed_bandwidth = self.cluster.bandwidth if assumed is None else assumed
+        self.state = SchedulerState(
+            killed_worker=lambda key, address, n: ("KilledWorker", key),
+            wants=wanted_events(policy),
+            bandwidth=self.assumed_bandwidth,
+        )
+        self.warnings: list[str] = []
         self.now = 0.0
         self.sequence = 0
         self._events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
@@ -320,6 +370,7 @@ class Simulation:
                 out.merge(self.state.handle(ev.PolicyDecisions(decisions), self.now))
                 if self.validate:
                     self.state.validate()
+        self.warnings.extend(text for level, text in out.logs if level == "warning")
         for address, msgs in out.to_workers.items():
             worker = self.workers.get(address)
             if worker is not None:
@@ -371,7 +422,9 @@ class Simulation:
             states: dict[str, int] = {}
             for ts in self.state.tasks.values():
                 states[ts.state] = states.get(ts.state, 0) + 1
-            raise SimulationError(f"deadlock at t={self.now:.4f}: task states {states}")
+            reasons = sorted({str(ts.unplaceable_reason) for ts in self.state.unplaceable})
+            why = f"; {len(self.state.unplaceable)} can never run: {reasons}" if reasons else ""
+            raise SimulationError(f"deadlock at t={self.now:.4f}: task states {states}{why}")
         placement = {e.key: self.cluster.address(e.worker) for e in self.executions}
         return SimResult(
             policy=self.policy_name,
@@ -385,6 +438,8 @@ class Simulation:
             steals_succeeded=self.steals_succeeded,
             executions=self.executions,
             placement=placement,
+            warnings=self.warnings,
+            bandwidth_estimate=self.state.bandwidth,
         )
 
 

@@ -211,6 +211,16 @@ class StealResponse:
     stimulus_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class BandwidthReported:
+    """A worker's heartbeat: its own estimate of its transfer bandwidth, bytes per second
+    (``metrics["bandwidth"]["total"]``: a moving average over its transfers of more than
+    1 MB, starting at ``distributed.scheduler.bandwidth``)."""
+
+    worker: str
+    bytes_per_second: float
+
+
 # ----------------------------------------------------------------------------- cluster-wide
 @dataclass(frozen=True, slots=True)
 class Restart:
@@ -258,6 +268,7 @@ Event = (
     | LongRunning
     | Reschedule
     | StealResponse
+    | BandwidthReported
     | Restart
     | RetireWorkers
     | PolicyDecisions

@@ -20,10 +20,19 @@ Task states::
 
 * ``waiting``: needed, some input not in memory (``waiting_on``).
 * ``ready``: every input in memory; offered to the policy (``TaskReady``).
-* ``no-worker``: the policy found no running worker that may run it; offered again when a
-  worker starts running.
+* ``no-worker``: the policy found no running worker that may run it (``NoWorker``); offered
+  again when a worker is added or starts running, or when one is removed (so that the policy
+  can tell it has become unplaceable). A task no worker of the cluster can ever run
+  (``Unplaceable``) is also in ``unplaceable``: offered again only when a worker is added,
+  and logged once (a warning per batch and reason) rather than at every offer.
 * ``processing``: sent to a worker with a fresh ``run_id``; only a result carrying that
   ``run_id`` from that worker counts.
+
+Optional policy events (``wants``, see ``policy.protocol``): ``ReplicaAdded`` /
+``ReplicaRemoved`` where a replica appears or goes other than by an assignment's result or a
+worker leaving, ``BandwidthMeasured`` when the estimate fed by ``BandwidthReported``
+(heartbeats, Dask's rule) moves by more than ``BANDWIDTH_CHANGE``. Each costs one attribute
+test when not wanted.
 
 Interest (reference counting): a task is *needed* while a client wants it (``who_wants``)
 or a dependent in waiting/ready/no-worker/processing needs it (``waiters``). A task that is
@@ -104,6 +113,7 @@ class TaskState:
         "suspicious",
         "traceback",
         "type",
+        "unplaceable_reason",
         "waiters",
         "waiting_on",
         "who_has",
@@ -140,6 +150,9 @@ class TaskState:
         self.worker_restrictions: frozenset[str] | None = None
         self.loose_restrictions = False
         self.resource_restrictions: dict[str, float] | None = None
+        # Why the policy last found no worker that could ever run it (logged once); reset
+        # when it is assigned.
+        self.unplaceable_reason: str | None = None
 
     def __repr__(self) -> str:
         return f"<TaskState {self.key!r} {self.state}>"
@@ -204,11 +217,25 @@ class SchedulerState:
         *,
         killed_worker: KilledWorkerFactory,
         allowed_failures: int = 3,
+        wants: frozenset[type] = frozenset(),
+        bandwidth: float = 100e6,
     ) -> None:
+        """``wants``: the optional policy events to send (``policy.protocol.wanted_events``);
+        ``bandwidth``: the configured ``distributed.scheduler.bandwidth``, the estimate until
+        workers report theirs."""
         self.tasks: dict[Key, TaskState] = {}
         self.workers: dict[str, WorkerState] = {}
         self.clients: dict[str, ClientState] = {}
         self.no_worker: set[TaskState] = set()
+        # The no-worker tasks no worker of the cluster can run (offered only to new workers).
+        self.unplaceable: set[TaskState] = set()
+        # Plain booleans, tested on the hot path instead of set lookups.
+        self._replica_added_events = policy.ReplicaAdded in wants
+        self._replica_removed_events = policy.ReplicaRemoved in wants
+        self._bandwidth_events = policy.BandwidthMeasured in wants
+        # Transfer bandwidth estimate (bytes/s) and the value the policy last heard of.
+        self.bandwidth = float(bandwidth)
+        self._bandwidth_sent = self.bandwidth
         self._tasks_by_id: dict[int, TaskState] = {}
         self._workers_by_id: dict[int, WorkerState] = {}
         self._next_task_id = 0
@@ -246,6 +273,7 @@ class SchedulerState:
             ev.Reschedule: self._reschedule,
             ev.PolicyDecisions: self._policy_decisions,
             ev.StealResponse: self._steal_response,
+            ev.BandwidthReported: self._bandwidth_reported,
             ev.Restart: self._restart,
             ev.RetireWorkers: self._retire_workers,
         }
@@ -296,6 +324,12 @@ class SchedulerState:
         if finish in (RELEASED, FORGOTTEN) and self._needed(ts) and start != ERRED:
             return  # stale recommendation: the task became needed again
         if finish == FORGOTTEN and start in (RELEASED, ERRED) and (ts.who_wants or ts.dependents):
+            return
+        if finish == WAITING and start == RELEASED and not self._needed(ts):
+            # Stale: whoever needed it let go after recommending it (a dependent erred or was
+            # released later in the same step). Computing it would run it for nobody.
+            if not ts.dependents:
+                recs[ts] = FORGOTTEN
             return
         transition = self._transitions.get((start, finish))
         if transition is not None:
@@ -351,7 +385,9 @@ class SchedulerState:
             dts.waiters.add(ts)
             if dts.state != MEMORY:
                 ts.waiting_on.add(dts)
-                if dts.state == RELEASED:
+                if dts.state == RELEASED and recs.get(dts) != ERRED:
+                    # An input about to err (KilledWorker when its worker died) is released
+                    # only on the way to erred: keep that; erring reaches ``ts`` too.
                     recs[dts] = WAITING
         if not ts.waiting_on:
             recs[ts] = READY
@@ -361,6 +397,7 @@ class SchedulerState:
             return
         if ts.state == NO_WORKER:
             self.no_worker.discard(ts)
+            self.unplaceable.discard(ts)
         ts.state = READY
         out.policy.append(self._task_ready_event(ts))
 
@@ -388,6 +425,7 @@ class SchedulerState:
 
     def _ready_released(self, ts: TaskState, recs: dict[TaskState, str], out: Outbox) -> None:
         self.no_worker.discard(ts)
+        self.unplaceable.discard(ts)
         out.policy.append(policy.TaskCancelled(ts.id))
         ts.state = RELEASED
         self._settle_released(ts, recs)
@@ -402,6 +440,8 @@ class SchedulerState:
         for ws in ts.who_has:
             ws.has_what.discard(ts)
             out.free_keys(ws.address, ts.key, self._stimulus_id)
+            if self._replica_removed_events:
+                out.policy.append(policy.ReplicaRemoved(ts.id, ws.id))
         ts.who_has.clear()
         ts.state = RELEASED
         self._settle_released(ts, recs)
@@ -445,6 +485,7 @@ class SchedulerState:
             self._stop_processing(ts, out)
         elif start in (READY, NO_WORKER):
             self.no_worker.discard(ts)
+            self.unplaceable.discard(ts)
             out.policy.append(policy.TaskCancelled(ts.id))
         ts.state = ERRED
         self._detach_from_inputs(ts, recs)
@@ -544,6 +585,13 @@ class SchedulerState:
         ts.who_has.add(ws)
         ws.has_what.add(ts)
 
+    def _replica_arrived(self, ts: TaskState, ws: WorkerState, out: Outbox) -> None:
+        """``ws`` holds ``ts``'s result, not as the result of an assignment (which the
+        policy hears of as ``TaskDone(nbytes=...)``)."""
+        if self._replica_added_events and ws not in ts.who_has:
+            out.policy.append(policy.ReplicaAdded(ts.id, ws.id, ts.nbytes))
+        self._add_replica(ts, ws)
+
     def _lose_data(self, ts: TaskState, recs: dict[TaskState, str], out: Outbox) -> None:
         """The last replica of ``ts`` is gone: recompute it if it is still needed."""
         if ts.run_spec is None:
@@ -586,9 +634,15 @@ class SchedulerState:
                 out.send_client(cs.id, msg)
         return cancelled
 
-    def _offer_no_worker_tasks(self, recs: dict[TaskState, str]) -> None:
-        for ts in self.no_worker:
-            recs[ts] = READY
+    def _offer_no_worker_tasks(
+        self, recs: dict[TaskState, str], *, placeable: bool, unplaceable: bool
+    ) -> None:
+        """Offer no-worker tasks to the policy again: those parked by ``NoWorker``
+        (``placeable``), those parked by ``Unplaceable`` (``unplaceable``: a worker was
+        added), or both. A task already recommended elsewhere keeps that."""
+        for ts in self.no_worker if placeable else self.unplaceable:
+            if (unplaceable or ts not in self.unplaceable) and ts not in recs:
+                recs[ts] = READY
 
     def _client(self, client_id: str) -> ClientState:
         cs = self.clients.get(client_id)
@@ -808,7 +862,7 @@ class SchedulerState:
             if cs is None:
                 if ts is not None and ts.state == MEMORY:
                     for ws in holders:
-                        self._add_replica(ts, ws)
+                        self._replica_arrived(ts, ws, out)
                 else:
                     out.log("info", f"data for {key!r} placed with no client to hold it: ignored")
                 continue
@@ -821,7 +875,7 @@ class SchedulerState:
             ts.state = MEMORY
             ts.nbytes = int(event.nbytes.get(key, 0))
             for ws in holders:
-                self._add_replica(ts, ws)
+                self._replica_arrived(ts, ws, out)
             self._want(cs, ts)
             out.send_client(cs.id, {"op": "key-in-memory", "key": key})
 
@@ -873,9 +927,11 @@ class SchedulerState:
         out.policy.append(
             policy.WorkerAdded(ws.id, ws.nthreads, tuple(ws.resources.items()), running)
         )
-        if running:
+        if running or self.unplaceable:
+            # Only a new worker can make an unplaceable task placeable (a paused one too: the
+            # policy then parks the task as NoWorker, waiting for that worker to run).
             recs: dict[TaskState, str] = {}
-            self._offer_no_worker_tasks(recs)
+            self._offer_no_worker_tasks(recs, placeable=running, unplaceable=True)
             self._run(recs, out)
 
     def _worker_disconnected(self, event: ev.WorkerDisconnected, out: Outbox) -> None:
@@ -909,6 +965,10 @@ class SchedulerState:
                 other.address,
                 {"op": "remove-worker", "worker": ws.address, "stimulus_id": event.stimulus_id},
             )
+        if len(self.no_worker) > len(self.unplaceable):
+            # A task parked until this worker ran again may have no worker left that could
+            # ever run it: the policy tells (Unplaceable, logged) instead of a silent wait.
+            self._offer_no_worker_tasks(recs, placeable=True, unplaceable=False)
         self._run(recs, out)
 
     def _worker_status_changed(self, event: ev.WorkerStatusChanged, out: Outbox) -> None:
@@ -922,7 +982,7 @@ class SchedulerState:
             out.policy.append(policy.WorkerStatus(ws.id, running))
         if running:
             recs: dict[TaskState, str] = {}
-            self._offer_no_worker_tasks(recs)
+            self._offer_no_worker_tasks(recs, placeable=True, unplaceable=False)
             self._run(recs, out)
 
     def _task_finished(self, event: ev.TaskFinished, out: Outbox) -> None:
@@ -939,7 +999,7 @@ class SchedulerState:
             else:
                 recs[ts] = WAITING  # the worker's view of this task is stale: start over
         elif ts.state == MEMORY:
-            self._add_replica(ts, ws)
+            self._replica_arrived(ts, ws, out)  # computed a second time, e.g. after a steal race
         else:
             out.free_keys(ws.address, event.key, self._stimulus_id)
         self._run(recs, out)
@@ -952,11 +1012,16 @@ class SchedulerState:
         recs: dict[TaskState, str],
         out: Outbox,
     ) -> None:
+        seceded = ts.long_running
         self._stop_processing(ts, out, event.duration, event.nbytes)
         ts.state = MEMORY
         ts.nbytes = event.nbytes
         ts.type = event.type
-        self._add_replica(ts, ws)
+        if seceded:
+            # Its TaskDone went out when it seceded, without a result size.
+            self._replica_arrived(ts, ws, out)
+        else:
+            self._add_replica(ts, ws)
         self._report_memory(ts, out)
         for dts in ts.dependents:
             if dts.state == WAITING:
@@ -995,6 +1060,8 @@ class SchedulerState:
             return
         ws.has_what.discard(ts)
         ts.who_has.discard(ws)
+        if self._replica_removed_events:
+            out.policy.append(policy.ReplicaRemoved(ts.id, ws.id))
         if ts.state == MEMORY and not ts.who_has:
             recs: dict[TaskState, str] = {}
             self._lose_data(ts, recs, out)
@@ -1008,7 +1075,7 @@ class SchedulerState:
         for key in event.keys:
             ts = self.tasks.get(key)
             if ts is not None and ts.state == MEMORY:
-                self._add_replica(ts, ws)
+                self._replica_arrived(ts, ws, out)
             else:
                 redundant.append(key)
         if redundant:
@@ -1051,6 +1118,7 @@ class SchedulerState:
 
     def _policy_decisions(self, event: ev.PolicyDecisions, out: Outbox) -> None:
         recs: dict[TaskState, str] = {}
+        newly_unplaceable: dict[str, list[TaskState]] = {}
         for decision in event.decisions:
             ts = self._tasks_by_id.get(decision.task)
             if isinstance(decision, policy.Steal):
@@ -1063,11 +1131,48 @@ class SchedulerState:
                     if ts is not None and ts.state == READY:
                         out.policy.append(self._task_ready_event(ts))
                     continue
+                if ts.unplaceable_reason is not None:
+                    ts.unplaceable_reason = None  # if it becomes unplaceable again, say so
                 self._start_processing(ts, ws, out)
             elif ts is not None and ts.state == READY:
                 ts.state = NO_WORKER
                 self.no_worker.add(ts)
+                if isinstance(decision, policy.Unplaceable):
+                    self.unplaceable.add(ts)
+                    if ts.unplaceable_reason != decision.reason:
+                        ts.unplaceable_reason = decision.reason
+                        newly_unplaceable.setdefault(decision.reason, []).append(ts)
+        for reason, tasks in newly_unplaceable.items():
+            out.log("warning", self._unplaceable_message(reason, tasks))
         self._run(recs, out)
+
+    @staticmethod
+    def _unplaceable_message(reason: str, tasks: list[TaskState]) -> str:
+        example = tasks[0]
+        restrictions = []
+        if example.worker_restrictions is not None:
+            restrictions.append(f"workers={sorted(example.worker_restrictions)}")
+        if example.resource_restrictions:
+            restrictions.append(f"resources={example.resource_restrictions}")
+        count = f"{len(tasks)} task" + ("s" if len(tasks) > 1 else "")
+        return (
+            f"{count} can never run on the current workers: {reason} (e.g. {example.key!r}"
+            f"{' with ' + ', '.join(restrictions) if restrictions else ''}); "
+            "waiting for a suitable worker to join"
+        )
+
+    def _bandwidth_reported(self, event: ev.BandwidthReported, out: Outbox) -> None:
+        """Dask's ``heartbeat_worker`` rule: blend each heartbeat's estimate in with weight
+        1 / number of workers. The policy hears of noticeable changes only."""
+        value = event.bytes_per_second
+        if event.worker not in self.workers or not 0 < value < float("inf"):
+            return
+        fraction = 1 / len(self.workers)
+        self.bandwidth = self.bandwidth * (1 - fraction) + value * fraction
+        sent = self._bandwidth_sent
+        if self._bandwidth_events and abs(self.bandwidth - sent) > policy.BANDWIDTH_CHANGE * sent:
+            self._bandwidth_sent = self.bandwidth
+            out.policy.append(policy.BandwidthMeasured(self.bandwidth))
 
     # ------------------------------------------------------------------ work stealing
     def _request_steal(self, steal: policy.Steal, ts: TaskState | None, out: Outbox) -> None:
@@ -1221,6 +1326,8 @@ class SchedulerState:
                 assert ts in ts.processing_on.processing, ts
                 assert self.workers.get(ts.processing_on.address) is ts.processing_on, ts
             assert (ts.state == NO_WORKER) == (ts in self.no_worker), ts
+            if ts in self.unplaceable:
+                assert ts.state == NO_WORKER and ts.unplaceable_reason is not None, ts
             if ts.state == ERRED:
                 blame = ts.exception_blame
                 assert blame is not None and blame.state == ERRED, ts
@@ -1228,6 +1335,9 @@ class SchedulerState:
             for cs in ts.who_wants:
                 assert ts in cs.wants and self.clients.get(cs.id) is cs, (ts, cs)
         assert len(self._tasks_by_id) == len(self.tasks)
+        for ts in self.unplaceable:
+            assert self.tasks.get(ts.key) is ts, f"{ts} is unplaceable but forgotten"
+        assert 0 < self.bandwidth < float("inf"), self.bandwidth
         for address, ws in self.workers.items():
             assert ws.address == address and self._workers_by_id[ws.id] is ws, ws
             for ts in ws.processing:
