@@ -4,31 +4,48 @@ Theory of operation
 -------------------
 The reactor (``server/scheduler.py``) calls a ``TraceRecorder`` from a handful of sites, each
 behind one ``if self.trace is not None:`` guard, with data it already has in hand: the graph
-it just took in, the policy's input events and decisions, the outbox it is about to write
+it just took in (its tasks' dependencies and priorities, the keys the client wants), each
+worker registering (its threads), the policy's input events and decisions, the outbox it is
+about to write
 (``compute-task`` to workers, ``key-in-memory``/``task-erred`` to clients) and the
 ``task-finished`` messages workers send (whose ``startstops`` give the worker-side compute and
-transfer intervals). Nothing is added to the pure state machine. With tracing off the cost
-is that one attribute test per site.
+transfer intervals, and the output size). Nothing is added to the pure state machine. With
+tracing off the cost is that one attribute test per site.
 
 The file is append-only text, one record per line, tab-separated; times are integer
 microseconds since the ``H`` record's ``t0`` (seconds since the epoch). Keys and workers are
 numbered on first sight by a definition record, so event records stay short::
 
-    H  {"version": 1, "t0": ..., "pid": ...}           header (JSON)
+    H  {"version": 2, "t0": ..., "pid": ...}           header (JSON)
     K  kid  gid  key                                   key definition (key as JSON string)
-    W  wid  address                                    worker definition
+    W  wid  address  nthreads  t_joined                worker definition
     G  gid  t_arrived  t_taken_in  client  n_tasks     graph received (then taken in)
+    D  kid  order  dep_kid...                          a task of the last G: its priority
+                                                       within the graph and its dependencies
+    M  kid  nbytes  holder_wid...                      data a graph needs that no traced task
+                                                       computes (scattered): size, holders
+    Q  gid  kid...                                     the keys the client wants from graph gid
     R  t  kid                                          task ready (all inputs in memory)
     A  t  kid                                          task assigned by the policy
     S  t  kid  wid  run_id                             compute-task written to the worker
-    F  t  kid  wid  start  stop                        task-finished received; compute interval
+    F  t  kid  wid  start  stop  nbytes                task-finished received; compute
+                                                       interval and output size
     X  kid  wid  start  stop  source_wid               transfer interval from startstops
     E  t  kid  wid                                     task-erred received
     C  t  kid                                          client notified (key-in-memory/task-erred)
 
+A ``D`` record is written once per task, when the first graph naming it is taken in; ``K``,
+``D``, ``M`` and ``Q`` records follow their ``G`` record at once. Empty fields mean "not
+known" (``W`` of a worker seen before it registered; ``F`` without a compute interval).
+Version 1 files (no ``D``/``M``/``Q`` records, no nthreads on ``W``, no nbytes on ``F``)
+are still read, and ``dsched trace report`` handles them; ``dsched simulate --trace`` needs
+version 2, which holds the graph.
+
 ``dsched trace report FILE`` reads it back, splits each task's life into phases (scheduler
 decision, send->start latency, compute, finish->scheduler latency, transfer) plus per-worker
 idle time, prints a summary, and draws a task stream (Gantt chart) per worker as a PNG.
+``dsched simulate --trace FILE`` replays the recorded graph, with the measured durations and
+output sizes, on the simulator (``dsched.sim.graphs.graph_from_trace``).
 """
 
 from __future__ import annotations
@@ -46,8 +63,10 @@ from typing import Any
 
 __all__ = ["TaskTimes", "Trace", "TraceRecorder", "add_parser", "read_trace", "summarize"]
 
-TRACE_VERSION = 1
+TRACE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _FLUSH_EVERY_S = 1.0
+_TAB = "\t"
 
 
 def _key_text(key: Any) -> str:
@@ -65,6 +84,7 @@ class TraceRecorder:
         self._write = self._file.write
         self._keys: dict[Any, int] = {}
         self._workers: dict[str, int] = {}
+        self._described: set[int] = set()  # kids with a D or M record
         self._graphs = 0
         self._last_flush = time.monotonic()
         header = {"version": TRACE_VERSION, "t0": self.t0, "pid": os.getpid()}
@@ -81,23 +101,77 @@ class TraceRecorder:
             self._write(f"K\t{kid}\t{gid}\t{_key_text(key)}\n")
         return kid
 
-    def _wid(self, address: str) -> int:
+    def _wid(self, address: str, nthreads: Any = None, joined: float | None = None) -> int:
         wid = self._workers.get(address)
         if wid is None:
             wid = self._workers[address] = len(self._workers)
-            self._write(f"W\t{wid}\t{address}\n")
+            if nthreads is None:  # seen before it registered (or not a worker of ours)
+                ws = getattr(self.state, "workers", {}).get(address)
+                nthreads = ws.nthreads if ws is not None else ""
+            t = "" if joined is None else self._us(joined)
+            self._write(f"W\t{wid}\t{address}\t{nthreads}\t{t}\n")
         return wid
 
+    def _external(self, key: Any) -> int:
+        """A key a graph needs that no traced task computes (scattered data): an M record
+        with its size and holders, from the runtime's state, once."""
+        kid = self._kid(key)
+        if kid not in self._described:
+            self._described.add(kid)
+            tasks = getattr(self.state, "tasks", None)
+            ts = tasks.get(key) if isinstance(tasks, dict) else None
+            nbytes = "" if ts is None else ts.nbytes
+            holders = [] if ts is None else sorted(self._wid(ws.address) for ws in ts.who_has)
+            self._write("\t".join(["M", str(kid), str(nbytes), *map(str, holders)]) + "\n")
+        return kid
+
     # -- hooks -----------------------------------------------------------------------
-    def graph(self, client: str, keys: Iterable[Any], arrived: float, taken_in: float) -> None:
-        """A client's graph: received at ``arrived``, materialized by ``taken_in``."""
+    def worker(self, address: str, nthreads: int, now: float) -> None:
+        """A worker registered (defines it, with its threads, unless seen before)."""
+        self._wid(address, nthreads, now)
+
+    def graph(
+        self, client: str, intake: Any, wanted: Iterable[Any], arrived: float, taken_in: float
+    ) -> None:
+        """A client's graph (a ``GraphIntake``: ``tasks`` key -> spec with ``dependencies``,
+        ``order`` key -> priority), received at ``arrived`` and taken in by ``taken_in``;
+        ``wanted`` are the keys the client asked for."""
         gid = self._graphs
         self._graphs += 1
-        keys = list(keys)
-        self._write(f"G\t{gid}\t{self._us(arrived)}\t{self._us(taken_in)}\t{client}\t{len(keys)}\n")
-        for key in keys:
-            if key not in self._keys:
+        tasks = intake.tasks
+        order = intake.order
+        write = self._write
+        write(f"G\t{gid}\t{self._us(arrived)}\t{self._us(taken_in)}\t{client}\t{len(tasks)}\n")
+        keys = self._keys
+        for key in tasks:
+            if key not in keys:
                 self._kid(key, gid)
+        described = self._described
+        get_kid = keys.get
+        get_order = order.get
+        for key, spec in tasks.items():
+            kid = keys[key]
+            if kid in described:
+                continue  # a task of an earlier graph, submitted again
+            described.add(kid)
+            deps = spec.dependencies
+            if not deps:
+                write(f"D\t{kid}\t{get_order(key, 0)}\n")
+                continue
+            ids = []
+            for dep in deps:
+                did = get_kid(dep)
+                if did is None or (did not in described and dep not in tasks):
+                    did = self._external(dep)
+                ids.append(str(did))
+            write(f"D\t{kid}\t{get_order(key, 0)}\t{_TAB.join(ids)}\n")
+        line = f"Q\t{gid}"
+        for key in wanted:
+            kid = keys.get(key)
+            if kid is None or (kid not in described and key not in tasks):
+                kid = self._external(key)
+            line += f"\t{kid}"
+        write(line + "\n")
 
     def policy(self, events: Sequence[Any], decisions: Sequence[Any], now: float) -> None:
         """Ready tasks handed to the policy and the assignments it answered with."""
@@ -148,10 +222,15 @@ class TraceRecorder:
                     f"X\t{kid}\t{wid}\t{self._us(entry['start'])}\t{self._us(entry['stop'])}"
                     f"\t{swid}\n"
                 )
+        nbytes = msg.get("nbytes")
+        if nbytes is None:
+            nbytes = ""
         if start is None:
-            self._write(f"F\t{self._us(now)}\t{kid}\t{wid}\t\t\n")
+            self._write(f"F\t{self._us(now)}\t{kid}\t{wid}\t\t\t{nbytes}\n")
         else:
-            self._write(f"F\t{self._us(now)}\t{kid}\t{wid}\t{self._us(start)}\t{self._us(stop)}\n")
+            self._write(
+                f"F\t{self._us(now)}\t{kid}\t{wid}\t{self._us(start)}\t{self._us(stop)}\t{nbytes}\n"
+            )
 
     def task_erred(self, worker: str, msg: dict[str, Any], now: float) -> None:
         self._write(f"E\t{self._us(now)}\t{self._kid(msg['key'])}\t{self._wid(worker)}\n")
@@ -183,6 +262,15 @@ class TaskTimes:
     notified: float | None = None
     erred: bool = False
     transfers: list[tuple[float, float, int]] = field(default_factory=list)
+    nbytes: int | None = None  # output size from the last task-finished (version 2)
+    # From the D record (version 2): the graph that described the task, its priority within
+    # that graph, its dependencies (kids); None when no graph described it as a task.
+    described_in: int = -1
+    order: float = 0.0
+    dependencies: tuple[int, ...] | None = None
+    # From the M record: data no traced task computes (scattered), with its holders (wids).
+    external: bool = False
+    holders: tuple[int, ...] = ()
 
 
 @dataclass
@@ -191,6 +279,10 @@ class Trace:
     tasks: dict[int, TaskTimes]
     workers: dict[int, str]
     graphs: dict[int, tuple[float, float, str, int]]  # gid -> (arrived, taken in, client, n)
+    version: int = TRACE_VERSION
+    wanted: dict[int, list[int]] = field(default_factory=dict)  # gid -> kids the client wants
+    worker_threads: dict[int, int] = field(default_factory=dict)  # wid -> nthreads
+    worker_joined: dict[int, float] = field(default_factory=dict)  # wid -> registration time
 
 
 def read_trace(path: str | os.PathLike[str]) -> Trace:
@@ -198,7 +290,12 @@ def read_trace(path: str | os.PathLike[str]) -> Trace:
     tasks: dict[int, TaskTimes] = {}
     workers: dict[int, str] = {}
     graphs: dict[int, tuple[float, float, str, int]] = {}
+    wanted: dict[int, list[int]] = {}
+    worker_threads: dict[int, int] = {}
+    worker_joined: dict[int, float] = {}
     t0 = 0.0
+    version = TRACE_VERSION
+    last_graph = -1
 
     def task(kid: str) -> TaskTimes:
         k = int(kid)
@@ -216,8 +313,9 @@ def read_trace(path: str | os.PathLike[str]) -> Trace:
             try:
                 if code == "H":
                     header = json.loads(parts[1])
-                    if header.get("version") != TRACE_VERSION:
-                        raise ValueError(f"unsupported trace version {header.get('version')}")
+                    version = header.get("version")
+                    if version not in READABLE_VERSIONS:
+                        raise ValueError(f"unsupported trace version {version}")
                     t0 = float(header["t0"])
                 elif code == "K":
                     tt = task(parts[1])
@@ -226,14 +324,33 @@ def read_trace(path: str | os.PathLike[str]) -> Trace:
                     if tt.graph in graphs:
                         tt.received = graphs[tt.graph][0]
                 elif code == "W":
-                    workers[int(parts[1])] = parts[2]
+                    wid = int(parts[1])
+                    workers[wid] = parts[2]
+                    if len(parts) > 3 and parts[3]:
+                        worker_threads[wid] = int(parts[3])
+                    if len(parts) > 4 and parts[4]:
+                        worker_joined[wid] = int(parts[4]) / 1e6
                 elif code == "G":
-                    graphs[int(parts[1])] = (
+                    last_graph = int(parts[1])
+                    graphs[last_graph] = (
                         int(parts[2]) / 1e6,
                         int(parts[3]) / 1e6,
                         parts[4],
                         int(parts[5]),
                     )
+                elif code == "D":
+                    tt = task(parts[1])
+                    tt.described_in = last_graph
+                    tt.order = float(parts[2])
+                    tt.dependencies = tuple(int(d) for d in parts[3:])
+                elif code == "M":
+                    tt = task(parts[1])
+                    tt.external = True
+                    if parts[2]:
+                        tt.nbytes = int(parts[2])
+                    tt.holders = tuple(int(w) for w in parts[3:])
+                elif code == "Q":
+                    wanted.setdefault(int(parts[1]), []).extend(int(k) for k in parts[2:])
                 elif code == "R":
                     tt = task(parts[2])
                     if tt.ready is None:
@@ -251,6 +368,8 @@ def read_trace(path: str | os.PathLike[str]) -> Trace:
                     if parts[4]:
                         tt.start = int(parts[4]) / 1e6
                         tt.stop = int(parts[5]) / 1e6
+                    if len(parts) > 6 and parts[6]:
+                        tt.nbytes = int(parts[6])
                 elif code == "X":
                     task(parts[1]).transfers.append(
                         (int(parts[3]) / 1e6, int(parts[4]) / 1e6, int(parts[2]))
@@ -263,7 +382,7 @@ def read_trace(path: str | os.PathLike[str]) -> Trace:
                     task(parts[2]).notified = int(parts[1]) / 1e6
             except (IndexError, ValueError) as error:
                 raise ValueError(f"{path}: bad trace line {line!r}: {error}") from error
-    return Trace(t0, tasks, workers, graphs)
+    return Trace(t0, tasks, workers, graphs, version, wanted, worker_threads, worker_joined)
 
 
 def _stats(values: list[float]) -> dict[str, float]:

@@ -31,7 +31,14 @@ def test_recorder_round_trip(tmp_path: Path) -> None:
     keys: list[Any] = ["x", ("y", 0)]
     recorder = TraceRecorder(path, FakeState(keys))
     t0 = recorder.t0
-    recorder.graph("client-1", keys, t0 + 0.1, t0 + 0.2)
+    graph = SimpleNamespace(
+        tasks={
+            "x": SimpleNamespace(dependencies=()),
+            ("y", 0): SimpleNamespace(dependencies=("x",)),
+        },
+        order={"x": 0, ("y", 0): 1},
+    )
+    recorder.graph("client-1", graph, [("y", 0)], t0 + 0.1, t0 + 0.2)
     recorder.policy([TaskReady(0, (0,)), TaskReady(1, (0,))], [Assignment(0, 0)], t0 + 0.3)
     out = Outbox()
     out.send_worker("tcp://w:1", {"op": "compute-task", "key": "x", "run_id": 5})
@@ -61,6 +68,8 @@ def test_recorder_round_trip(tmp_path: Path) -> None:
     assert (x.start, x.stop, x.finished, x.notified) == pytest.approx((0.5, 0.7, 0.8, 0.9))
     assert len(x.transfers) == 1 and x.transfers[0][:2] == pytest.approx((0.45, 0.5))
     assert y.ready == pytest.approx(0.3) and y.sent is None
+    assert x.dependencies == () and y.dependencies == (0,) and (x.order, y.order) == (0, 1)
+    assert trace.wanted == {0: [1]}
     summary = summarize(trace)
     phases = summary["phases"]
     assert phases["compute"]["total"] == pytest.approx(0.2)
@@ -72,7 +81,8 @@ def test_recorder_round_trip(tmp_path: Path) -> None:
 def test_truncated_last_line_is_ignored(tmp_path: Path) -> None:
     path = tmp_path / "t.trace"
     recorder = TraceRecorder(path, FakeState([]))
-    recorder.graph("c", ["a"], recorder.t0, recorder.t0)
+    graph = SimpleNamespace(tasks={"a": SimpleNamespace(dependencies=())}, order={"a": 0})
+    recorder.graph("c", graph, ["a"], recorder.t0, recorder.t0)
     recorder.close()
     with path.open("a") as f:
         f.write("S\t12")  # a scheduler killed mid-write
@@ -101,6 +111,11 @@ def test_trace_of_a_real_run_and_report(tmp_path: Path, capsys: pytest.CaptureFi
         assert tt.start <= tt.stop <= tt.finished + 0.05  # same host clock
     merge = next(tt for tt in trace.tasks.values() if tt.key.startswith("merge_values"))
     assert merge.notified is not None and merge.notified >= merge.finished
+    # what a replay needs (version 2): the graph, output sizes, the cluster's shape
+    assert merge.dependencies is not None and len(merge.dependencies) == n
+    assert all(tt.nbytes and tt.nbytes > 0 for tt in trace.tasks.values())
+    assert sorted(trace.worker_threads.values()) == [1, 1] and len(trace.worker_joined) == 2
+    assert trace.wanted == {0: [next(k for k, tt in trace.tasks.items() if tt is merge)]}
     summary = summarize(trace)
     assert sum(w["tasks"] for w in summary["workers"].values()) == n + 1
 

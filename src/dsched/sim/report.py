@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from dsched.sim.engine import SimResult
@@ -12,19 +12,34 @@ def _mb(nbytes: float) -> str:
     return f"{nbytes / 1e6:.3f}"
 
 
-def markdown_table(results: Sequence[SimResult]) -> str:
-    """One row per (graph, policy): makespan, transfers, peak memory of the fullest worker."""
+def markdown_table(
+    results: Sequence[SimResult], recorded: Mapping[str, float | None] | None = None
+) -> str:
+    """One row per (graph, policy): makespan, transfers, peak memory of the fullest worker.
+    With ``recorded`` (graph name -> makespan of the recorded run, for graphs replayed from
+    a trace), two more columns: the recorded makespan and simulated / recorded."""
+    recorded = recorded or {}
+    compare = bool(recorded)
     lines = [
-        "| graph | policy | makespan (s) | transferred (MB) | peak memory, max worker (MB) "
-        "| steals ok/asked |",
-        "|---|---|---:|---:|---:|---:|",
+        "| graph | policy | makespan (s) | "
+        + ("recorded (s) | sim / recorded | " if compare else "")
+        + "transferred (MB) | peak memory, max worker (MB) | steals ok/asked |",
+        "|---|---|---:|" + ("---:|---:|" if compare else "") + "---:|---:|---:|",
     ]
-    lines.extend(
-        f"| {r.graph} | {r.policy} | {r.makespan:.4f} | {_mb(r.bytes_transferred)} "
-        f"| {_mb(max(r.peak_memory.values(), default=0))} "
-        f"| {r.steals_succeeded}/{r.steals_requested} |"
-        for r in results
-    )
+    for r in results:
+        row = f"| {r.graph} | {r.policy} | {r.makespan:.4f} |"
+        if compare:
+            real = recorded.get(r.graph)
+            row += (
+                f" {real:.4f} | {r.makespan / real:.2f} |"
+                if real
+                else f" {'--' if real is None else f'{real:.4f}'} | -- |"
+            )
+        row += (
+            f" {_mb(r.bytes_transferred)} | {_mb(max(r.peak_memory.values(), default=0))}"
+            f" | {r.steals_succeeded}/{r.steals_requested} |"
+        )
+        lines.append(row)
     return "\n".join(lines)
 
 
