@@ -403,6 +403,10 @@ class _RunSpecPickler:
         pickler.embedded_main_mentions = 0
         pickler.dump(node)
         data = file.getvalue()
+        if len(data) > _RENEW_PICKLER_AFTER:
+            # clear_memo() costs the memo table's capacity, which never shrinks: after one
+            # task with 25k inputs every later clear would cost ~150 us. Start afresh.
+            self._pickler = self._new_pickler()
         # Only the embedded by-value pickles may mention __main__; anything else that
         # does (e.g. an object reduced to a __main__ global by name) needs cloudpickle.
         if data.count(b"__main__") != pickler.embedded_main_mentions:
@@ -440,6 +444,9 @@ class _EmbeddingPickler(pickle.Pickler):
         self.embedded_main_mentions += entry[2]
         return reduction
 
+
+# Bytes of pickle above which the pickler is replaced rather than cleared (see above).
+_RENEW_PICKLER_AFTER = 4096
 
 # Task.__getstate__ is tuple(getattr(task, slot) for slot in Task.get_all_slots()).
 _task_state = operator.attrgetter(*Task.get_all_slots())
