@@ -509,6 +509,33 @@ def test_run_spec_pickling_matches_distributed_for_awkward_objects() -> None:
         assert shipped(inputs) == node(inputs)
 
 
+def test_one_pickler_per_graph_gives_each_task_a_self_contained_pickle() -> None:
+    # The pickler is reused across a graph's tasks (and replaced after a big one); its memo
+    # must not leak between tasks: every run_spec has to equal the one a fresh pickler makes,
+    # whatever came before it, including after a failure half-way through a task.
+    shared_input = ("shared", 1.5)
+    big = Task("big", add, *(TaskRef(f"leaf-{i}") for i in range(3000)))
+    nodes = [
+        Task("a", scale, shared_input, factor=2),
+        big,
+        Task("b", scale, shared_input, factor=2),
+        Task("unpicklable", id, threading.Lock()),
+        Task("c", interactive_inc, TaskRef("a")),
+        Task("d", scale, shared_input, factor=2),
+    ]
+    shared = intake_module._RunSpecPickler()
+    for node in nodes:
+        if node.key == "unpicklable":
+            with pytest.raises(TypeError):
+                shared(node)
+            continue
+        reused = shared(node).header["pickled-obj"]
+        assert reused == intake_module._RunSpecPickler()(node).header["pickled-obj"], node.key
+        shipped = worker_side_run_spec(TaskSpec(node.key, (), shared(node), {}))
+        inputs = dict.fromkeys(node.dependencies, 5)
+        assert shipped(inputs) == node(inputs)
+
+
 def test_run_spec_mentioning_main_elsewhere_takes_distributeds_path() -> None:
     # "__main__" outside the embedded function pickle: we cannot tell a by-name reference
     # from data, so distributed's own pickling (cloudpickle) runs, and still works.

@@ -83,6 +83,8 @@ def _key(value: Any) -> Any:
     Checked at the edge so that a peer's garbage never reaches the state machine, where an
     unhashable "key" could fail half-way through a step.
     """
+    if type(value) is str:  # nearly every key: skip the walk
+        return value
     stack = [value]
     while stack:
         item = stack.pop()
@@ -377,10 +379,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ state + policy
     def _handle(self, event: ev.Event) -> Outbox:
-        out = self.state.handle(event, time.time())
+        out = self.state.handle(event, time.time(), self._pending)
         if self.validate:
             self.state.validate()
-        self._pending.merge(out)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -397,7 +398,7 @@ class Scheduler:
             if self.trace is not None:
                 self.trace.policy(policy_events, decisions, now)
             if decisions:
-                out.merge(self.state.handle(ev.PolicyDecisions(decisions), now))
+                self.state.handle(ev.PolicyDecisions(decisions), now, out)
                 if self.validate:
                     self.state.validate()
         for level, text in out.logs:

@@ -299,8 +299,16 @@ class SchedulerState:
         }
 
     # ------------------------------------------------------------------ entry point
-    def handle(self, event: ev.Event, now: float) -> Outbox:
-        out = Outbox()
+    def handle(self, event: ev.Event, now: float, out: Outbox | None = None) -> Outbox:
+        """Apply one event; its effects are appended to ``out`` (a new Outbox if None).
+
+        The reactor passes the outbox it is collecting for the current tick, which saves
+        building and merging one per message; ``out.reply`` is then this event's reply.
+        """
+        if out is None:
+            out = Outbox()
+        else:
+            out.reply = None
         self._now = now
         self._stimulus_id = f"{type(event).__name__}-{now}"
         self._handlers[type(event)](event, out)
