@@ -10,7 +10,16 @@ from dsched.policy import POLICIES, PolicyConfig, make_policy
 from dsched.policy.blevel import BLevelPolicy
 from dsched.policy.common import WorkerInfo
 from dsched.policy.dask_like import DaskPolicy
-from dsched.policy.protocol import ReplicaAdded, ReplicaRemoved, WorkerAdded
+from dsched.policy.protocol import (
+    Assignment,
+    ReplicaAdded,
+    ReplicaRemoved,
+    TaskAdded,
+    TaskDone,
+    TaskInput,
+    TaskReady,
+    WorkerAdded,
+)
 from dsched.sim import graphs
 from dsched.sim.engine import ClusterSpec, SimResult, SimulationError, simulate
 from dsched.sim.graphs import SimGraph, SimTask
@@ -246,3 +255,29 @@ def test_replica_events_reach_a_policy_that_wants_them_in_the_simulator():
     assert len(fetched) == result.transfers == 10
     assert all(e.nbytes == 1000 for e in fetched)
     assert any(isinstance(e, ReplicaRemoved) for e in events)
+
+
+def test_dask_policy_counts_a_round_trip_per_input_it_would_fetch():
+    # Worker 0 holds both (tiny) inputs of "add" but already runs one 1-ms task; worker 1 is
+    # idle. Moving 16 bytes costs nothing by bandwidth, yet each fetch is a round trip
+    # between workers, which is longer than 1 ms of queued work: "add" stays with its inputs.
+    # Behind a long task (unknown duration, 0.5 s) it goes to the idle worker instead.
+    def placement(busy_prefix_duration: float | None) -> int:
+        policy = DaskPolicy(PolicyConfig(work_stealing=False))  # placement alone
+        events: list = [WorkerAdded(0, 1), WorkerAdded(1, 1)]
+        events += [TaskAdded(i, (0, 0, i), (), prefix) for i, prefix in enumerate(["busy"] * 2)]
+        events += [TaskAdded(2, (0, 0, 2), (), "leaf"), TaskAdded(3, (0, 0, 3), (), "leaf")]
+        events.append(TaskAdded(4, (0, 0, 4), (2, 3), "add"))
+        policy.handle(events, 0.0)
+        if busy_prefix_duration is not None:
+            policy.handle([TaskDone(0, 0, busy_prefix_duration, 8)], 0.0)  # learn "busy"
+        held_by_0 = (TaskInput(8, (0,)),)
+        [busy] = policy.handle([TaskReady(1, (0, 0, 1), held_by_0, prefix="busy")], 0.0)
+        assert busy == Assignment(1, 0)
+        inputs = (TaskInput(8, (0,)), TaskInput(8, (0,)))
+        [decision] = policy.handle([TaskReady(4, (0, 0, 4), inputs, prefix="add")], 0.0)
+        assert isinstance(decision, Assignment)
+        return decision.worker
+
+    assert placement(busy_prefix_duration=0.001) == 0
+    assert placement(busy_prefix_duration=None) == 1

@@ -10,8 +10,11 @@ Three ideas from ``distributed.scheduler`` (protocol.md §6.5), each O(1) amorti
   ``unknown-task-duration``. A worker's *occupancy* is the sum of the estimates of the tasks
   assigned to it.
 * **Earliest finish time with locality.** A task that is not root-ish goes to the worker
-  minimising ``occupancy / threads + bytes of inputs it lacks / bandwidth`` (then fewer tasks
-  per thread, then id). Candidates are the holders of its inputs plus the least occupied
+  minimising ``occupancy / threads + bytes of inputs it lacks / bandwidth + 2 ms x inputs it
+  lacks`` (then fewer tasks per thread, then id). The last term is the fetch round trip
+  Dask's objective leaves out: without it, tiny inputs look free to move, and a reduction of
+  short tasks followed the least occupied worker instead of its inputs (tree-12 on 2 real
+  workers: 20% faster with it). Candidates are the holders of its inputs plus the least occupied
   worker (a lazy heap), or every allowed worker for a restricted task.
 * **Root-task queuing.** A root-ish task (no restrictions, and no inputs or a large prefix fed
   by fewer than 5 tasks, as Dask decides) waits in a priority queue here and is handed out
@@ -59,6 +62,8 @@ from dsched.policy.protocol import (
 # Seconds of work per thread kept queued on a worker beyond worker-saturation.
 LATENCY_BUDGET = 0.02
 MAX_DEPTH_PER_THREAD = 256
+# Seconds a missing input costs beyond its bytes: the fetch round trip between workers.
+TRANSFER_LATENCY = 0.002
 # Dask's root-ish rule: a prefix with more than 2 x total threads tasks, fed by < 5 tasks.
 ROOTISH_MAX_DEPENDENCIES = 5
 
@@ -208,10 +213,15 @@ class DaskPolicy(BasePolicy):
         if not workers:
             return self.no_worker(event)
         bandwidth = self.bandwidth
+        inputs = event.inputs
+
+        def missing(w: WorkerInfo) -> int:
+            return sum(1 for i in inputs if w.id not in i.holders)
+
         best = min(
             workers,
             key=lambda w: (
-                w.load() + (total - local.get(w.id, 0)) / bandwidth,
+                w.load() + (total - local.get(w.id, 0)) / bandwidth + TRANSFER_LATENCY * missing(w),
                 len(w.assigned) / w.nthreads,
                 w.id,
             ),
