@@ -286,21 +286,24 @@ def _reject_p2p(dsk: Mapping[Key, GraphNode]) -> None:
 
 
 def _build_task_specs(
-    dsk: Mapping[Key, GraphNode],
+    dsk: dict[Key, GraphNode],
     global_annotations: Mapping[str, Any],
     annotations_by_type: AnnotationsByType,
 ) -> dict[Key, TaskSpec]:
+    """Consumes ``dsk``: each GraphNode is dropped once pickled, so the graph and its pickles
+    are not both held in full (the scheduler's peak memory is set during intake)."""
     merge_annotations = _AnnotationMerger(global_annotations, annotations_by_type)
     pickle_run_spec = _RunSpecPickler()
-    return {
-        key: TaskSpec(
+    specs: dict[Key, TaskSpec] = {}
+    for key in list(dsk):
+        node = dsk.pop(key)
+        specs[key] = TaskSpec(
             key=key,
             dependencies=tuple(node.dependencies),
             run_spec=pickle_run_spec(node),
             annotations=merge_annotations(key),
         )
-        for key, node in dsk.items()
-    }
+    return specs
 
 
 class _AnnotationMerger:

@@ -88,6 +88,20 @@ class InvalidTransition(Exception):
     """A bug in the state machine: a transition was asked for that has no meaning."""
 
 
+# Shared empty values of TaskState.who_wants / erred_on (never mutated: replaced by a set).
+NOBODY: frozenset[ClientState] = frozenset()
+NOWHERE: frozenset[str] = frozenset()
+
+
+def _unwant(ts: TaskState, cs: ClientState) -> None:
+    """``cs`` no longer wants ``ts``: drop it, and the set with it once empty."""
+    wants = ts.who_wants
+    if isinstance(wants, set):
+        wants.discard(cs)
+        if not wants:
+            ts.who_wants = NOBODY
+
+
 class TaskState:
     __slots__ = (
         "annotations",
@@ -131,7 +145,9 @@ class TaskState:
         self.dependents: set[TaskState] = set()
         self.waiting_on: set[TaskState] = set()
         self.waiters: set[TaskState] = set()
-        self.who_wants: set[ClientState] = set()
+        # Most tasks are wanted by no client and never err anywhere: those share one empty
+        # frozenset instead of two empty sets (432 bytes a task); see _want/_unwant.
+        self.who_wants: set[ClientState] | frozenset[ClientState] = NOBODY
         self.who_has: set[WorkerState] = set()
         self.processing_on: WorkerState | None = None
         self.long_running = False
@@ -146,7 +162,7 @@ class TaskState:
         self.traceback: object = None
         self.exception_text = ""
         self.exception_blame: TaskState | None = None
-        self.erred_on: set[str] = set()
+        self.erred_on: set[str] | frozenset[str] = NOWHERE
         self.worker_restrictions: frozenset[str] | None = None
         self.loose_restrictions = False
         self.resource_restrictions: dict[str, float] | None = None
@@ -482,7 +498,7 @@ class SchedulerState:
         for address in ts.erred_on:
             if address in self.workers:
                 out.free_keys(address, ts.key, self._stimulus_id)
-        ts.erred_on.clear()
+        ts.erred_on = NOWHERE
         ts.exception = ts.traceback = ts.exception_blame = None
         ts.exception_text = ""
 
@@ -535,7 +551,7 @@ class SchedulerState:
         whether the task is still needed."""
         for cs in ts.who_wants:
             if cs.id == FIRE_AND_FORGET:
-                ts.who_wants.discard(cs)
+                _unwant(ts, cs)
                 cs.wants.discard(ts)
                 break
 
@@ -634,7 +650,7 @@ class SchedulerState:
                 cancelled.append(ts.key)
                 for cs in ts.who_wants:
                     cs.wants.discard(ts)
-                ts.who_wants.clear()
+                ts.who_wants = NOBODY
             self._release_if_unneeded(ts, recs)
         if cancelled and reason == "lost-data":
             msg = {"op": "cancelled-keys", "keys": cancelled, "reason": reason}
@@ -659,7 +675,10 @@ class SchedulerState:
         return cs
 
     def _want(self, cs: ClientState, ts: TaskState) -> None:
-        ts.who_wants.add(cs)
+        if isinstance(ts.who_wants, set):
+            ts.who_wants.add(cs)
+        else:
+            ts.who_wants = {cs}
         cs.wants.add(ts)
 
     def _report_state(self, cs: ClientState, ts: TaskState, out: Outbox) -> None:
@@ -690,7 +709,7 @@ class SchedulerState:
             return
         recs: dict[TaskState, str] = {}
         for ts in cs.wants:
-            ts.who_wants.discard(cs)
+            _unwant(ts, cs)
             self._release_if_unneeded(ts, recs)
         cs.wants.clear()
         self._run(recs, out)
@@ -828,7 +847,7 @@ class SchedulerState:
             if ts is None or ts not in cs.wants:
                 continue
             cs.wants.discard(ts)
-            ts.who_wants.discard(cs)
+            _unwant(ts, cs)
             self._release_if_unneeded(ts, recs)
         self._run(recs, out)
 
@@ -1057,7 +1076,10 @@ class SchedulerState:
             ts.traceback = event.traceback
             ts.exception_text = event.exception_text
             ts.exception_blame = ts
-            ts.erred_on.add(ws.address)
+            if isinstance(ts.erred_on, set):
+                ts.erred_on.add(ws.address)
+            else:
+                ts.erred_on = {ws.address}
             self._to_erred(ts, recs, out)
         self._run(recs, out)
 
@@ -1236,7 +1258,7 @@ class SchedulerState:
         recs: dict[TaskState, str] = {}
         for cs in self.clients.values():
             for ts in cs.wants:
-                ts.who_wants.discard(cs)
+                _unwant(ts, cs)
                 self._release_if_unneeded(ts, recs)
             cs.wants.clear()
         self._run(recs, out)
