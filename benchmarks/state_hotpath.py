@@ -21,37 +21,14 @@ from typing import Any
 
 from dsched.cli import tune_garbage_collector
 from dsched.policy import POLICIES, PolicyConfig, make_policy
+from dsched.server.errors import killed_worker
+from dsched.sim import graphs
 from dsched.state import events as ev
 from dsched.state.machine import SchedulerState
 from dsched.state.outbox import Outbox
 
 
-def tree_graph(k: int) -> tuple[dict[str, tuple[str, ...]], list[str]]:
-    """Pairwise reduction over 2**k leaves (the ``tree-K`` benchmark's shape)."""
-    graph: dict[str, tuple[str, ...]] = {}
-    level = [f"leaf-{i}" for i in range(2**k)]
-    graph.update(dict.fromkeys(level, ()))
-    depth = 0
-    while len(level) > 1:
-        depth += 1
-        pairs = zip(level[::2], level[1::2], strict=True)
-        level = [f"add-{depth}-{i}" for i in range(len(level) // 2)]
-        graph.update(zip(level, pairs, strict=True))
-    return graph, level
-
-
-def merge_graph(n: int) -> tuple[dict[str, tuple[str, ...]], list[str]]:
-    """N independent tasks and one task depending on all of them (``merge-N``)."""
-    graph: dict[str, tuple[str, ...]] = {f"leaf-{i}": () for i in range(n)}
-    graph["merge"] = tuple(graph)
-    return graph, ["merge"]
-
-
-def killed_worker(key: Any, address: str, allowed_failures: int) -> object:
-    return ("KilledWorker", key, address, allowed_failures)
-
-
-def run(graph: dict[str, tuple[str, ...]], outputs: list[str], args: argparse.Namespace) -> None:
+def run(graph: graphs.SimGraph, args: argparse.Namespace) -> None:
     state = SchedulerState(killed_worker=killed_worker)
     policy = make_policy(args.policy, PolicyConfig())
     compute_tasks: collections.deque[tuple[str, Any, Any]] = collections.deque()
@@ -72,11 +49,11 @@ def run(graph: dict[str, tuple[str, ...]], outputs: list[str], args: argparse.Na
     for i in range(args.workers):
         settle(state.handle(ev.WorkerConnected(f"tcp://127.0.0.1:{10000 + i}", 1), 0.0))
     settle(state.handle(ev.ClientConnected("client"), 0.0))
-    tasks = [ev.NewTask(key, deps, b"run-spec", {}) for key, deps in graph.items()]
-    order = {key: i for i, key in enumerate(graph)}
+    tasks = [ev.NewTask(t.key, t.dependencies, b"run-spec", {}) for t in graph.tasks.values()]
+    outputs = graph.keys
 
     started = time.process_time()
-    settle(state.handle(ev.GraphReceived("client", tasks, outputs, order), 0.0))
+    settle(state.handle(ev.GraphReceived("client", tasks, outputs, graph.order), 0.0))
     taken_in = time.process_time()
     finished = 0
     while compute_tasks:
@@ -110,14 +87,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50, help="task-finished per tick")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    graph, outputs = tree_graph(args.size) if args.shape == "tree" else merge_graph(args.size)
+    # The simulator's shapes of the tree-K and merge-N benchmarks (durations unused here).
+    graph = graphs.tree(args.size) if args.shape == "tree" else graphs.merge(args.size)
     tune_garbage_collector()  # as the scheduler process does
     if args.profile:
         profiler = cProfile.Profile()
-        profiler.runcall(run, graph, outputs, args)
+        profiler.runcall(run, graph, args)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     else:
-        run(graph, outputs, args)
+        run(graph, args)
 
 
 if __name__ == "__main__":
