@@ -3,6 +3,7 @@
     python benchmarks/state_hotpath.py tree 14            # 2**15 - 1 tasks, 8 workers
     python benchmarks/state_hotpath.py merge 25000 --policy locality --workers 64
     python benchmarks/state_hotpath.py tree 14 --profile  # cProfile's top entries
+    python benchmarks/state_hotpath.py tree 14 --observers 1  # + one no-op extension
 
 Plays zero workers the way the reactor sees them: every ``compute-task`` is answered with a
 ``task-finished``, in batches of ``--batch`` messages per tick, and the policy runs once per
@@ -20,50 +21,60 @@ import time
 from typing import Any
 
 from dsched.cli import tune_garbage_collector
+from dsched.core import Core
+from dsched.ext.protocol import Extension
 from dsched.policy import POLICIES, PolicyConfig, make_policy
 from dsched.server.errors import killed_worker
 from dsched.sim import graphs
 from dsched.state import events as ev
 from dsched.state.machine import SchedulerState
-from dsched.state.outbox import Outbox
+
+
+class _IgnoresEverything(Extension):
+    """An extension that declares observations and does nothing with them: what the core
+    pays to fan out to one (``--observers``)."""
+
+    observes = frozenset({ev.TaskFinished, ev.WorkerConnected})
+    observes_transitions = True
+
+    def __init__(self, index: int) -> None:
+        self.name = f"ignores-everything-{index}"
 
 
 def run(graph: graphs.SimGraph, args: argparse.Namespace) -> None:
     state = SchedulerState(killed_worker=killed_worker)
-    policy = make_policy(args.policy, PolicyConfig())
+    observers = [_IgnoresEverything(i) for i in range(args.observers)]
+    core = Core(state, make_policy(args.policy, PolicyConfig()), observers)
     compute_tasks: collections.deque[tuple[str, Any, Any]] = collections.deque()
     clock = [0.0]
 
-    def settle(out: Outbox) -> None:
-        """Run the policy on the outbox's events until it decides nothing new."""
-        while True:
-            for address, messages in out.to_workers.items():
-                compute_tasks.extend(
-                    (address, m["key"], m["run_id"]) for m in messages if m["op"] == "compute-task"
-                )
-            if not out.policy:
-                return
-            decisions = policy.handle(out.policy, clock[0])
-            out = state.handle(ev.PolicyDecisions(decisions), clock[0])
+    def settle() -> None:
+        """End the tick as the reactor does: one flush, then 'send' the compute-tasks."""
+        out = core.flush(clock[0]).out
+        for address, messages in out.to_workers.items():
+            compute_tasks.extend(
+                (address, m["key"], m["run_id"]) for m in messages if m["op"] == "compute-task"
+            )
 
     for i in range(args.workers):
-        settle(state.handle(ev.WorkerConnected(f"tcp://127.0.0.1:{10000 + i}", 1), 0.0))
-    settle(state.handle(ev.ClientConnected("client"), 0.0))
+        core.handle(ev.WorkerConnected(f"tcp://127.0.0.1:{10000 + i}", 1), 0.0)
+    core.handle(ev.ClientConnected("client"), 0.0)
+    settle()
     tasks = [ev.NewTask(t.key, t.dependencies, b"run-spec", {}) for t in graph.tasks.values()]
     outputs = graph.keys
 
     started = time.process_time()
-    settle(state.handle(ev.GraphReceived("client", tasks, outputs, graph.order), 0.0))
+    core.handle(ev.GraphReceived("client", tasks, outputs, graph.order), 0.0)
+    settle()
     taken_in = time.process_time()
     finished = 0
     while compute_tasks:
         clock[0] += 0.001
-        tick = Outbox()
         for _ in range(min(args.batch, len(compute_tasks))):
             address, key, run_id = compute_tasks.popleft()
-            state.handle(ev.TaskFinished(address, key, run_id, 8, type=b"int"), clock[0], tick)
+            core.handle(ev.TaskFinished(address, key, run_id, 8, type=b"int"), clock[0])
             finished += 1
-        settle(tick)
+        settle()
     done = time.process_time()
     assert finished == len(graph), (finished, len(graph))
     # Only the results the client holds are in memory; every intermediate was released
@@ -85,6 +96,12 @@ def main() -> None:
     parser.add_argument("--policy", default="dask", choices=sorted(POLICIES))
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=50, help="task-finished per tick")
+    parser.add_argument(
+        "--observers",
+        type=int,
+        default=0,
+        help="extensions observing every transition and task-finished (the fan-out cost)",
+    )
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     # The simulator's shapes of the tree-K and merge-N benchmarks (durations unused here).

@@ -27,11 +27,11 @@ logger = logging.getLogger("dsched.cli")
 GC_YOUNG_THRESHOLD = 50_000
 
 SUBCOMMANDS: dict[str, str] = {
-    "zero-worker": "dsched.zero_worker",
+    "zero-worker": "dsched.tools.zero_worker",
     "bench": "dsched.bench.cli",
-    "trace": "dsched.trace",
+    "trace": "dsched.tools.trace.report",
     "simulate": "dsched.sim.cli",
-    "soak": "dsched.soak",
+    "soak": "dsched.tools.soak",
 }
 
 
@@ -216,7 +216,7 @@ async def _serve(
         tls=tls,
     )
     if getattr(args, "trace", None):
-        from dsched.trace import TraceRecorder
+        from dsched.tools.trace.record import TraceRecorder
 
         scheduler.trace = TraceRecorder(args.trace, scheduler.state)
     await scheduler.start()

@@ -15,7 +15,7 @@ from dsched.bench.workloads import merge_values, times_ten
 from dsched.policy.protocol import Assignment, TaskReady
 from dsched.state.outbox import Outbox
 from dsched.testing.cluster import ProcessCluster
-from dsched.trace import TraceRecorder, main, read_trace, summarize
+from dsched.tools.trace import TraceRecorder, main, read_trace, summarize
 
 
 class FakeState:

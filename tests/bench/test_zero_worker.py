@@ -14,8 +14,8 @@ from distributed.protocol.serialize import deserialize
 from dsched.bench.workloads import inc, merge_values, times_ten
 from dsched.comm import Comm, connect, listen
 from dsched.testing.cluster import ProcessCluster
+from dsched.tools.zero_worker import ZeroWorker
 from dsched.wire import Pickled, Serialized
-from dsched.zero_worker import ZeroWorker
 
 STEP_TIMEOUT_S = 10
 

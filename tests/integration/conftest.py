@@ -68,6 +68,12 @@ def wait_until_fixture() -> Callable[[Callable[[], bool], float, Callable[[], st
 
 
 @pytest.fixture(scope="session")
+def scheduler_kind() -> str:
+    """DSCHED_TEST_SCHEDULER: "dsched", or "dask"/"dask-inf" (the reference)."""
+    return SCHEDULER_KIND
+
+
+@pytest.fixture(scope="session")
 def cluster() -> Iterator[ProcessCluster]:
     """One scheduler and two single-threaded workers (with nannies) for the whole session.
 

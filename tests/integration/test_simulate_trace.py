@@ -13,7 +13,7 @@ from distributed import Client
 
 from dsched.bench.workloads import merge_values, sleep_times_ten
 from dsched.testing.cluster import ProcessCluster
-from dsched.trace import read_trace
+from dsched.tools.trace import read_trace
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

@@ -1,6 +1,8 @@
-"""An in-memory scheduler for tests: the state machine wired to a policy, no network.
+"""An in-memory scheduler for tests: the core (state machine + policy + extensions), no
+network.
 
-Every step runs ``validate()``. Messages the state machine sends are recorded per peer, so
+It drives the same ``dsched.core.Core`` the server runs, one tick per step. Every step
+runs ``validate()``. Messages the state machine sends are recorded per peer, so
 tests assert on what was *sent*, and ``run_until_idle`` plays the workers by completing
 every compute-task it sees (optionally with an error).
 """
@@ -11,8 +13,10 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from dsched.core import Core, Flush
+from dsched.ext.protocol import Extension
 from dsched.policy.locality import LocalityPolicy
-from dsched.policy.protocol import Policy, wanted_events
+from dsched.policy.protocol import Policy, PolicyEvent, wanted_events
 from dsched.state import events as ev
 from dsched.state.machine import SchedulerState
 from dsched.state.outbox import Message, Outbox
@@ -24,7 +28,11 @@ def killed_worker(key: Any, address: str, allowed_failures: int) -> object:
 
 class Harness:
     def __init__(
-        self, policy: Policy | None = None, allowed_failures: int = 3, bandwidth: float = 100e6
+        self,
+        policy: Policy | None = None,
+        allowed_failures: int = 3,
+        bandwidth: float = 100e6,
+        extensions: Iterable[Extension] = (),
     ) -> None:
         self.policy: Policy = policy if policy is not None else LocalityPolicy()
         self.state = SchedulerState(
@@ -33,6 +41,15 @@ class Harness:
             wants=wanted_events(self.policy),
             bandwidth=bandwidth,
         )
+        self._policy_events: list[PolicyEvent] = []
+        self.core = Core(
+            self.state,
+            self.policy,
+            list(extensions),
+            validate=True,
+            policy_observer=lambda events, decisions, now: self._policy_events.extend(events),
+        )
+        self.last_flush: Flush | None = None
         self.now = 1000.0
         self.to_workers: dict[str, list[Message]] = defaultdict(list)
         self.to_clients: dict[str, list[Message]] = defaultdict(list)
@@ -40,16 +57,20 @@ class Harness:
 
     # -------------------------------------------------------------- driving
     def step(self, event: ev.Event) -> Outbox:
+        """One tick: apply ``event``, flush; returns everything the tick sent."""
         self.now += 0.001
-        out = self.state.handle(event, self.now)
-        self.state.validate()
-        total = Outbox()
-        total.merge(out)
-        while out.policy:
-            decisions = self.policy.handle(out.policy, self.now)
-            out = self.state.handle(ev.PolicyDecisions(decisions), self.now)
-            self.state.validate()
-            total.merge(out)
+        reply = self.core.handle(event, self.now)
+        out = self.tick()
+        out.reply = reply
+        return out
+
+    def tick(self) -> Outbox:
+        """Flush the core (after ``core.request`` / ``core.stream`` calls, say), record what
+        it sent, and return it; the whole ``Flush`` is in ``last_flush``."""
+        flush = self.last_flush = self.core.flush(self.now)
+        total = flush.out
+        # The policy consumed the tick's events; the returned record shows them all.
+        total.policy, self._policy_events = self._policy_events, []
         for address, msgs in total.to_workers.items():
             self.to_workers[address].extend(msgs)
         for client, msgs in total.to_clients.items():

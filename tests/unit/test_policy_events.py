@@ -10,11 +10,11 @@ from collections.abc import Sequence
 import pytest
 from harness import Harness
 
+from dsched.core.inbound import reported_bandwidth
 from dsched.policy import POLICIES, PolicyConfig, make_policy
 from dsched.policy import protocol as p
 from dsched.policy.common import WorkerInfo, unplaceable_reason
 from dsched.policy.locality import LocalityPolicy
-from dsched.server.scheduler import _reported_bandwidth
 from dsched.state import events as ev
 from dsched.state.outbox import Outbox
 
@@ -364,10 +364,10 @@ def test_bandwidth_estimate_follows_dasks_heartbeat_rule_and_the_policy_hears_bi
 
 
 def test_heartbeat_metrics_give_the_workers_bandwidth_estimate_or_nothing():
-    assert _reported_bandwidth({"bandwidth": {"total": 12_345_678, "workers": {}}}) == 12345678.0
+    assert reported_bandwidth({"bandwidth": {"total": 12_345_678, "workers": {}}}) == 12345678.0
     for garbage in (None, [], {}, {"bandwidth": 5}, {"bandwidth": {"total": "fast"}},
                     {"bandwidth": {"total": True}}, {"bandwidth": {"total": -3}}):  # fmt: skip
-        assert _reported_bandwidth(garbage) is None
+        assert reported_bandwidth(garbage) is None
 
 
 def load_worker_0_then_offer_a_task_whose_input_it_holds(policy: p.Policy) -> list[p.Decision]:

@@ -17,6 +17,7 @@ from dsched.policy import protocol as p
 from dsched.policy.locality import LocalityPolicy
 from dsched.policy.protocol import Steal
 from dsched.state import events as ev
+from dsched.state.edges import EDGES
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -50,11 +51,35 @@ class ReplicaMirror:
 
 
 class MirroredHarness(Harness):
+    """Also checks, after every step, that the transition log tells each key's story: every
+    move starts where the key's previous one finished, every edge is in the table, and the
+    last move of every known task finished in its current state."""
+
+    def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.logged = 0  # transition_log entries checked so far
+        self.last_state: dict[object, str] = {}
+
     def step(self, event):  # type: ignore[no-untyped-def]
         out = super().step(event)
         who_has = {(ts.id, ws.id) for ts in self.state.tasks.values() for ws in ts.who_has}
         assert self.policy.replicas == who_has, (event, self.policy.replicas ^ who_has)
+        self.check_story(event)
         return out
+
+    def check_story(self, event: object) -> None:
+        log = self.state.transition_log
+        assert len(log) < log.maxlen, "the test outgrew the log"
+        for key, start, finish, stimulus_id, _ in list(log)[self.logged :]:
+            previous = self.last_state.get(key, "forgotten")
+            expected = "released" if previous == "forgotten" else previous  # a new task
+            assert start == expected, (event, key, start, finish, previous)
+            assert (start, finish) in EDGES and stimulus_id, (key, start, finish)
+            self.last_state[key] = finish
+        self.logged = len(log)
+        for key, ts in self.state.tasks.items():
+            last = self.last_state.get(key, "forgotten")
+            assert ts.state == ("released" if last == "forgotten" else last), (event, ts)
 
 
 @st.composite

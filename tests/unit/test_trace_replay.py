@@ -13,9 +13,9 @@ import pytest
 from dsched.policy import POLICIES, PolicyConfig, make_policy
 from dsched.sim import cli as sim_cli
 from dsched.sim.engine import ClusterSpec, simulate
-from dsched.sim.graphs import RecordedRun, graph_from_trace
 from dsched.state.outbox import Outbox
-from dsched.trace import TraceRecorder, read_trace, summarize
+from dsched.tools.trace import TraceRecorder, read_trace, summarize
+from dsched.tools.trace.replay import RecordedRun, graph_from_trace
 
 A, B, C = "tcp://10.1.0.1:1", "tcp://10.1.0.2:1", "tcp://10.1.0.3:1"
 

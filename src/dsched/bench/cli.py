@@ -20,13 +20,21 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 __all__ = ["QUICK", "add_parser", "main", "run"]
 
 DEFAULT_SCHEDULERS = ("dask", "dask-inf", "dsched")
+
+
+class Subset(TypedDict):
+    workloads: tuple[str, ...]
+    setups: tuple[str, ...]
+    repeats: int
+
+
 # --quick: a small subset that finishes in well under 3 minutes on 2 cores.
-QUICK = {
+QUICK: Subset = {
     "workloads": ("merge-2000", "map-2000", "tree-10"),
     "setups": ("real-2x1", "zero-8"),
     "repeats": 1,
@@ -82,9 +90,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
 
     out = Path(args.out)
     if args.report:
-        data = json.loads(Path(args.report).read_text())
-        write_outputs(data, out, plots=not args.no_plots)
-        return data
+        recorded: dict[str, Any] = json.loads(Path(args.report).read_text())
+        write_outputs(recorded, out, plots=not args.no_plots)
+        return recorded
     workloads = _split(args.workloads, QUICK["workloads"] if args.quick else FULL_SET)
     schedulers = _split(args.schedulers, DEFAULT_SCHEDULERS)
     setups = [

@@ -92,7 +92,7 @@ def _peak_rss_bytes(pid: int) -> int | None:
 
 def _cpu_seconds(pid: int) -> float | None:
     try:
-        import psutil
+        import psutil  # type: ignore[import-untyped]  # no types-psutil installed
 
         times = psutil.Process(pid).cpu_times()
         return float(times.user + times.system)
@@ -130,7 +130,10 @@ def run_one(
     try:
         assert cluster.address is not None and cluster.scheduler is not None
         pid = cluster.scheduler.popen.pid
-        client = Client(cluster.address, timeout=CLIENT_TIMEOUT_S, set_as_default=False)
+        # distributed's Client is not annotated (no-untyped-call), here and in close().
+        client = Client(  # type: ignore[no-untyped-call]
+            cluster.address, timeout=CLIENT_TIMEOUT_S, set_as_default=False
+        )
         client.submit(inc, 0, pure=False).result(timeout=CLIENT_TIMEOUT_S)  # warm-up
         prepared = workload.prepare(client)
         record.tasks = prepared.n_tasks
@@ -164,7 +167,7 @@ def run_one(
     finally:
         if client is not None:
             with contextlib.suppress(Exception):
-                client.close(timeout=10)
+                client.close(timeout=10)  # type: ignore[no-untyped-call]
         cluster.close()
         # A timed-out run's thread may still wait on its (now dead) cluster; do not join it.
         executor.shutdown(wait=False, cancel_futures=True)
@@ -172,8 +175,7 @@ def run_one(
 
 
 def machine_info() -> dict[str, Any]:
-    import dask
-    import distributed
+    from importlib.metadata import version
 
     import dsched
 
@@ -182,8 +184,8 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "dask": dask.__version__,
-        "distributed": distributed.__version__,
+        "dask": version("dask"),
+        "distributed": version("distributed"),
         "dsched": dsched.__version__,
     }
     with contextlib.suppress(Exception):
@@ -230,7 +232,7 @@ def plan(
     """The interleaved run order: repeat, set-up, workload, then every scheduler in turn."""
     parsed = [get_workload(name) for name in workloads]
     schedulers, setups = list(schedulers), list(setups)
-    order = []
+    order: list[tuple[int, Setup, Workload, str]] = []
     for repeat in range(1, repeats + 1):
         for setup in setups:
             for workload in parsed:

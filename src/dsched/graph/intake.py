@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import cloudpickle
+import cloudpickle  # type: ignore[import-untyped]  # cloudpickle ships no type information
 import dask
 import dask.order
 from dask._expr import HLGExpr, LLGExpr, _AnnotationsTombstone, _HLGExprSequence
@@ -143,7 +143,8 @@ def _deserialize_expression(expr_ser: Any) -> Any:
         # uncompressed and unsplit; undo both anyway in case another client does not.
         if any(header.get("compression") or ()):
             frames = decompress(header, frames)
-        return merge_and_deserialize(header, frames)
+        # distributed's (de)serialization functions are not annotated (no-untyped-call).
+        return merge_and_deserialize(header, frames)  # type: ignore[no-untyped-call]
     except Exception as error:
         runtime_error = RuntimeError(DESERIALIZATION_ERROR_TEXT)
         runtime_error.__cause__ = error
@@ -162,9 +163,12 @@ def _unpickle_field(value: Any) -> Any:
 # --- step 2: materialize ------------------------------------------------------------
 
 AnnotationsByType = dict[str, dict[Key, Any]]
+Materialized = dict[Key, GraphNode]  # key -> task, after convert_legacy_graph
 
 
-def _materialize(expression: Any, requested_keys: set[Key]) -> tuple[dict, AnnotationsByType]:
+def _materialize(
+    expression: Any, requested_keys: set[Key]
+) -> tuple[Materialized, AnnotationsByType]:
     hlg_operands = _hlg_operands(expression)
     if hlg_operands is not None and any(map(_is_cull_only_delayed, hlg_operands)):
         return _materialize_hlg_operands(hlg_operands)
@@ -197,7 +201,7 @@ def _is_cull_only_delayed(operand: HLGExpr) -> bool:
     )
 
 
-def _materialize_hlg_operands(operands: list[HLGExpr]) -> tuple[dict, AnnotationsByType]:
+def _materialize_hlg_operands(operands: list[HLGExpr]) -> tuple[Materialized, AnnotationsByType]:
     """``_HLGExprSequence._optimized_dsk`` + ``__dask_annotations__``, culling delayed in O(N).
 
     Operands are merged in order (later keys win), as ``HighLevelGraph.merge`` does.
@@ -205,7 +209,8 @@ def _materialize_hlg_operands(operands: list[HLGExpr]) -> tuple[dict, Annotation
     dsk: dict[Key, Any] = {}
     annotations_by_type: AnnotationsByType = {}
     for operand in operands:
-        output_keys = set(flatten(operand.__dask_keys__()))
+        # dask's flatten and __dask_keys__ are not annotated (no-untyped-call).
+        output_keys = set(flatten(operand.__dask_keys__()))  # type: ignore[no-untyped-call]
         hlg = operand.hlg
         if _is_cull_only_delayed(operand):
             # The layers' legacy tasks must be converted against this graph's keys before
@@ -215,7 +220,7 @@ def _materialize_hlg_operands(operands: list[HLGExpr]) -> tuple[dict, Annotation
             surviving = operand_dsk.__contains__
         else:
             if (optimizer := operand.low_level_optimizer) is not None:
-                hlg = optimizer(hlg, operand.__dask_keys__())
+                hlg = optimizer(hlg, operand.__dask_keys__())  # type: ignore[no-untyped-call]
             operand_dsk = _merge_layers(hlg)
             surviving = None
         dsk.update(operand_dsk)
@@ -369,7 +374,7 @@ class _RunSpecPickler:
     def __init__(self) -> None:
         # id(obj) -> (obj kept alive so the id stays unique, reduce tuple or None for
         # "pickle by reference", occurrences of b"__main__" in the embedded bytes)
-        self._by_value: dict[int, tuple[Any, tuple | None, int]] = {}
+        self._by_value: dict[int, tuple[Any, tuple[Any, ...] | None, int]] = {}
         # One pickler and one buffer for the whole graph, reset between tasks (clear_memo:
         # every run_spec is unpickled on its own): building them per task cost ~2 us.
         self._buffers: list[memoryview] = []
@@ -393,7 +398,7 @@ class _RunSpecPickler:
             data = None
         if data is None:
             buffers.clear()
-            data = distributed_pickle.dumps(
+            data = distributed_pickle.dumps(  # type: ignore[no-untyped-call]
                 node, protocol=5, buffer_callback=lambda b: buffers.append(ensure_memoryview(b))
             )
         return Pickled.from_bytes(data, buffers)
@@ -421,7 +426,7 @@ class _EmbeddingPickler(pickle.Pickler):
     def __init__(
         self,
         file: io.BytesIO,
-        by_value: dict[int, tuple[Any, tuple | None, int]],
+        by_value: dict[int, tuple[Any, tuple[Any, ...] | None, int]],
         buffer_callback: Callable[[pickle.PickleBuffer], None],
     ) -> None:
         super().__init__(file, protocol=5, buffer_callback=buffer_callback)
@@ -434,7 +439,8 @@ class _EmbeddingPickler(pickle.Pickler):
         if kind is Task:
             # What object.__reduce_ex__ gives for a Task, minus dask's Python-level
             # __getstate__ (a generator over the slots): the same bytes, ~4 us less.
-            return (copyreg.__newobj__, (Task,), _task_state(obj))
+            # typeshed's copyreg stub lacks __newobj__, which exists at runtime.
+            return (copyreg.__newobj__, (Task,), _task_state(obj))  # type: ignore[attr-defined]
         if kind is not types.FunctionType and not isinstance(obj, type):
             return NotImplemented
         entry = self._by_value.get(id(obj))
@@ -455,7 +461,7 @@ _RENEW_PICKLER_AFTER = 4096
 _task_state = operator.attrgetter(*Task.get_all_slots())
 
 
-def _classify_global(obj: Any) -> tuple[Any, tuple | None, int]:
+def _classify_global(obj: Any) -> tuple[Any, tuple[Any, ...] | None, int]:
     """By reference unless pickle fails or names ``__main__`` (distributed's rule), or the
     object's module is registered with ``cloudpickle.register_pickle_by_value``."""
     try:

@@ -34,7 +34,11 @@ def killed_worker(key: Any, address: str, allowed_failures: int) -> bytes:
     # namespace with that attribute unpickles anywhere, without distributed's scheduler.
     last_worker = SimpleNamespace(address=address)
     return pickled_exception(
-        KilledWorker(task=key, last_worker=last_worker, allowed_failures=allowed_failures)
+        KilledWorker(
+            task=key,
+            last_worker=last_worker,  # type: ignore[arg-type]  # duck-typed: only .address is read
+            allowed_failures=allowed_failures,
+        )
     )
 
 

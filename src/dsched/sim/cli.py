@@ -27,9 +27,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dsched.sim.graphs import SYNTHETIC, RecordedRun, SimGraph, graph_from_collection
+from dsched.sim.graphs import SYNTHETIC, SimGraph, graph_from_collection
+
+if TYPE_CHECKING:
+    from dsched.tools.trace.replay import RecordedRun
 
 DEFAULT_WORKERS = 2
 DEFAULT_THREADS = 1
@@ -58,10 +61,10 @@ def load_trace(
     nbytes: int | None,
     n_workers: int | None,
 ) -> RecordedRun:
-    """Read a trace file and rebuild its graph (see ``graph_from_trace``)."""
+    """Read a trace file and rebuild its graph (see ``dsched.tools.trace.replay``)."""
     from dsched.sim.engine import ClusterSpec
-    from dsched.sim.graphs import graph_from_trace
-    from dsched.trace import read_trace
+    from dsched.tools.trace.read import read_trace
+    from dsched.tools.trace.replay import graph_from_trace
 
     try:
         return graph_from_trace(

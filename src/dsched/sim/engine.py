@@ -45,11 +45,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsched.policy.protocol import Policy, StealResult, wanted_events
+from dsched.core import Core
+from dsched.policy.protocol import (
+    Decision,
+    Policy,
+    PolicyEvent,
+    Steal,
+    StealResult,
+    wanted_events,
+)
 from dsched.sim.graphs import Key, SimGraph
 from dsched.state import events as ev
 from dsched.state.machine import SchedulerState
-from dsched.state.outbox import Message, Outbox
+from dsched.state.outbox import Message
 
 CLIENT = "sim-client"
 # Dask's heartbeat interval for clusters of up to 10 workers (seconds).
@@ -323,11 +331,12 @@ class Simulation:
             wants=wanted_events(policy),
             bandwidth=self.assumed_bandwidth,
         )
+        # The same core the server runs; the policy observer counts steals.
+        self.core = Core(self.state, policy, validate=validate, policy_observer=self._count)
         self.warnings: list[str] = []
         self.now = 0.0
         self.sequence = 0
         self._events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
-        self._pending = Outbox()
         self._flush_scheduled = False
         self.workers: dict[str, _Worker] = {}
         self.bytes_transferred = 0
@@ -348,28 +357,21 @@ class Simulation:
         self.at(self.now + self.cluster.latency, self._scheduler_receives, event)
 
     def _scheduler_receives(self, event: ev.Event) -> None:
-        self._pending.merge(self.state.handle(event, self.now))
-        if self.validate:
-            self.state.validate()
+        self.core.handle(event, self.now)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             # Same instant, after everything else already due now: one tick.
             self.at(self.now, self._flush)
 
+    def _count(
+        self, events: Sequence[PolicyEvent], decisions: Sequence[Decision], now: float
+    ) -> None:
+        self.steals_succeeded += sum(1 for e in events if isinstance(e, StealResult) and e.stolen)
+        self.steals_requested += sum(1 for d in decisions if isinstance(d, Steal))
+
     def _flush(self) -> None:
         self._flush_scheduled = False
-        out, self._pending = self._pending, Outbox()
-        while out.policy:
-            events, out.policy = out.policy, []
-            self.steals_succeeded += sum(
-                1 for e in events if isinstance(e, StealResult) and e.stolen
-            )
-            decisions = self.policy.handle(events, self.now)
-            if decisions:
-                self.steals_requested += sum(1 for d in decisions if type(d).__name__ == "Steal")
-                out.merge(self.state.handle(ev.PolicyDecisions(decisions), self.now))
-                if self.validate:
-                    self.state.validate()
+        out = self.core.flush(self.now).out
         self.warnings.extend(text for level, text in out.logs if level == "warning")
         for address, msgs in out.to_workers.items():
             worker = self.workers.get(address)

@@ -4,6 +4,13 @@ Each event is a frozen, slotted record built by the reactor from one peer messag
 policy decision) and handed to ``SchedulerState.handle(event, now)``. Events carry Dask keys
 and addresses as they came off the wire; payloads (run_specs, exceptions, result types) are
 opaque objects the state machine stores and forwards but never looks into.
+
+``stimulus_id``: the events of a worker's messages carry the id the worker sent (every
+message of distributed's ``SendMessageToScheduler`` and ``worker-status-change`` has one),
+others the id of the reactor's action (a worker removed, a restart, a retirement). Empty
+means none: ``SchedulerState.handle`` then makes one up (``"<EventName>-<now>"``). It
+becomes the ``stimulus_id`` of every message the event causes and of its moves in the
+transition log.
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ class GraphReceived:
     user_priority: float = 0
     fifo_timeout: float = 0.1
     submitting_task: Key | None = None
-    stimulus_id: str = "update-graph"
+    stimulus_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,13 +145,14 @@ class WorkerDisconnected:
     address: str
     # An expected loss (retire, close) does not count against the tasks it was running.
     expected: bool = False
-    stimulus_id: str = "worker-removed"
+    stimulus_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerStatusChanged:
     address: str
     status: str
+    stimulus_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +163,7 @@ class TaskFinished:
     nbytes: int
     type: object = None  # pickled class bytes, forwarded to clients as key-in-memory.type
     duration: float | None = None
-    stimulus_id: str = "task-finished"
+    stimulus_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,25 +175,28 @@ class TaskErred:
     traceback: object
     exception_text: str = ""
     traceback_text: str = ""
-    stimulus_id: str = "task-erred"
+    stimulus_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class ReleaseWorkerData:
     worker: str
     key: Key
+    stimulus_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class AddKeys:
     worker: str
     keys: Sequence[Key]
+    stimulus_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class RequestRefreshWhoHas:
     worker: str
     keys: Sequence[Key]
+    stimulus_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,12 +204,14 @@ class LongRunning:
     worker: str
     key: Key
     run_id: int | None = None
+    stimulus_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Reschedule:
     worker: str
     key: Key
+    stimulus_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +221,8 @@ class StealResponse:
     worker: str
     key: Key
     state: str | None
-    stimulus_id: str
+    # The steal-request's id, echoed: it tells which steal this answers.
+    stimulus_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +240,7 @@ class BandwidthReported:
 class Restart:
     """``restart``: every client lets go of every key; clients are told to reset."""
 
-    stimulus_id: str = "restart"
+    stimulus_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +251,7 @@ class RetireWorkers:
     then removes the workers (``WorkerDisconnected(expected=True)``)."""
 
     addresses: Sequence[str]
-    stimulus_id: str = "retire-workers"
+    stimulus_id: str = ""
 
 
 # ----------------------------------------------------------------------------- policy

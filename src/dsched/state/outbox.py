@@ -5,6 +5,10 @@ address and per client id (in the order they must arrive), policy events, worker
 and log records. The reactor merges the outboxes of one event-loop tick and writes each
 peer's messages as a single batch. Tests assert on the outbox directly: it is the recording
 double of the network.
+
+``transitions`` holds every task move ``(key, start, finish, stimulus_id)`` of the outbox's
+events, in order, when the state machine's ``observe_transitions`` is set (for scheduler
+extensions); it stays empty otherwise.
 """
 
 from __future__ import annotations
@@ -14,10 +18,19 @@ from typing import Any
 from dsched.policy.protocol import PolicyEvent
 
 Message = dict[str, Any]
+Transition = tuple[Any, str, str, str]  # (key, start, finish, stimulus_id)
 
 
 class Outbox:
-    __slots__ = ("close_workers", "logs", "policy", "reply", "to_clients", "to_workers")
+    __slots__ = (
+        "close_workers",
+        "logs",
+        "policy",
+        "reply",
+        "to_clients",
+        "to_workers",
+        "transitions",
+    )
 
     def __init__(self) -> None:
         self.to_workers: dict[str, list[Message]] = {}
@@ -25,6 +38,8 @@ class Outbox:
         self.policy: list[PolicyEvent] = []
         self.close_workers: list[str] = []
         self.logs: list[tuple[str, str]] = []  # (level, text)
+        # (key, start, finish, stimulus_id) per task move, with observe_transitions only.
+        self.transitions: list[Transition] = []
         # The answer to a request-like event (e.g. the keys ``retry`` resets), if any.
         self.reply: Any = None
 
@@ -72,12 +87,18 @@ class Outbox:
         self.policy.extend(other.policy)
         self.close_workers.extend(other.close_workers)
         self.logs.extend(other.logs)
+        self.transitions.extend(other.transitions)
         if other.reply is not None:
             self.reply = other.reply
 
     def __bool__(self) -> bool:
         return bool(
-            self.to_workers or self.to_clients or self.policy or self.close_workers or self.logs
+            self.to_workers
+            or self.to_clients
+            or self.policy
+            or self.close_workers
+            or self.logs
+            or self.transitions
         )
 
     def messages(self, op: str) -> list[tuple[str, Message]]:

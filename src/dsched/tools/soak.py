@@ -1,5 +1,7 @@
 """``dsched soak``: many rounds of mixed workloads while workers are killed and clients vanish.
 
+Theory of operation
+-------------------
 Starts a local dsched scheduler (with ``--validate`` unless ``--no-validate``) and
 ``dask worker`` processes under nannies, then runs ``--rounds`` rounds. Each round computes
 one of the chaos workloads (merge, tree, array, dataframe) and, chosen by the seeded RNG,
@@ -93,7 +95,8 @@ def main(args: argparse.Namespace) -> None:
             scheduler_args=[] if args.no_validate else ["--validate"],
         ) as cluster,
         task_shuffle_config(),
-        Client(cluster.address, set_as_default=False) as client,
+        # distributed's Client is not annotated.
+        Client(cluster.address, set_as_default=False) as client,  # type: ignore[no-untyped-call]
     ):
         assert cluster.address is not None
         print(f"soak: scheduler at {cluster.address}, {args.workers} workers, seed {args.seed}")

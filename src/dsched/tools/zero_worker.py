@@ -33,6 +33,7 @@ import pickle
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from dsched.comm import Comm, CommClosedError, connect, listen
@@ -52,7 +53,10 @@ def placeholder_payload(value: Any = PLACEHOLDER_VALUE) -> Serialized:
     """``value`` serialized exactly as a real worker's ``get_data`` reply carries a result."""
     from distributed.protocol.serialize import serialize_and_split
 
-    header, frames = serialize_and_split(value, serializers=("dask", "pickle"), on_error="raise")
+    # distributed's serialization functions are not annotated (no-untyped-call).
+    header, frames = serialize_and_split(  # type: ignore[no-untyped-call]
+        value, serializers=("dask", "pickle"), on_error="raise"
+    )
     return Serialized(dict(header), [bytes(f) for f in frames])
 
 
@@ -116,7 +120,7 @@ class ZeroWorker:
         self._closed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._thread = threading.get_ident()
-        self.handlers = {
+        self.handlers: dict[str, Callable[[dict[str, Any]], None]] = {
             "compute-task": self._compute_task,
             "free-keys": self._free_keys,
             "remove-replicas": self._free_keys,

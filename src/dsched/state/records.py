@@ -1,0 +1,160 @@
+"""The records of the state machine: one ``TaskState`` per key, one ``WorkerState`` per
+worker address, one ``ClientState`` per client id.
+
+Theory of operation
+-------------------
+Records are plain slotted objects that point at each other (a task's dependencies and
+dependents, its holders ``who_has``, the worker running it, the clients wanting it); the
+engine keeps both sides of every relation in step and ``validate()`` checks that it does.
+They hold no logic beyond construction. ``TaskState.state`` is written by ``__init__``
+(``released``) and otherwise only by ``Engine._move``, which checks each change against
+``dsched.state.edges.EDGES``.
+
+Most tasks are wanted by no client and never err anywhere: those share the empty
+frozensets ``NOBODY`` / ``NOWHERE`` instead of two empty sets each (see ``unwant`` and
+``Engine._want``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dsched.state import events as ev
+from dsched.state.edges import RELEASED
+
+Key = Any
+
+# Shared empty values of TaskState.who_wants / erred_on (never mutated: replaced by a set).
+NOBODY: frozenset[ClientState] = frozenset()
+NOWHERE: frozenset[str] = frozenset()
+
+
+def unwant(ts: TaskState, cs: ClientState) -> None:
+    """``cs`` no longer wants ``ts``: drop it, and the set with it once empty."""
+    wants = ts.who_wants
+    if isinstance(wants, set):
+        wants.discard(cs)
+        if not wants:
+            ts.who_wants = NOBODY
+
+
+class TaskState:
+    __slots__ = (
+        "annotations",
+        "dependencies",
+        "dependents",
+        "erred_on",
+        "exception",
+        "exception_blame",
+        "exception_text",
+        "id",
+        "key",
+        "long_running",
+        "loose_restrictions",
+        "nbytes",
+        "prefix",
+        "priority",
+        "processing_on",
+        "resource_restrictions",
+        "retries",
+        "run_id",
+        "run_spec",
+        "state",
+        "suspicious",
+        "traceback",
+        "type",
+        "unplaceable_reason",
+        "waiters",
+        "waiting_on",
+        "who_has",
+        "who_wants",
+        "worker_restrictions",
+    )
+
+    def __init__(self, key: Key, task_id: int, run_spec: object, annotations: Any) -> None:
+        self.key = key
+        self.id = task_id
+        self.run_spec = run_spec  # None for data placed by scatter: cannot be recomputed
+        self.annotations = annotations
+        self.state = RELEASED
+        self.dependencies: set[TaskState] = set()
+        self.dependents: set[TaskState] = set()
+        self.waiting_on: set[TaskState] = set()
+        self.waiters: set[TaskState] = set()
+        # Most tasks are wanted by no client and never err anywhere: those share one empty
+        # frozenset instead of two empty sets (432 bytes a task); see _want/_unwant.
+        self.who_wants: set[ClientState] | frozenset[ClientState] = NOBODY
+        self.who_has: set[WorkerState] = set()
+        self.processing_on: WorkerState | None = None
+        self.long_running = False
+        self.run_id: int | None = None
+        self.priority: tuple[float, ...] = (0, 0, 0)
+        self.prefix = ""  # key_split(key): the policy's duration group, set on creation
+        self.nbytes = 0
+        self.type: object = None
+        self.retries = 0
+        self.suspicious = 0
+        self.exception: object = None
+        self.traceback: object = None
+        self.exception_text = ""
+        self.exception_blame: TaskState | None = None
+        self.erred_on: set[str] | frozenset[str] = NOWHERE
+        self.worker_restrictions: frozenset[str] | None = None
+        self.loose_restrictions = False
+        self.resource_restrictions: dict[str, float] | None = None
+        # Why the policy last found no worker that could ever run it (logged once); reset
+        # when it is assigned.
+        self.unplaceable_reason: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<TaskState {self.key!r} {self.state}>"
+
+
+class WorkerState:
+    __slots__ = (
+        "address",
+        "has_what",
+        "host",
+        "id",
+        "info",
+        "memory_limit",
+        "name",
+        "nthreads",
+        "processing",
+        "resources",
+        "status",
+    )
+
+    def __init__(self, worker_id: int, event: ev.WorkerConnected) -> None:
+        self.id = worker_id
+        self.address = event.address
+        self.host = host_of(event.address)
+        self.name = event.name if event.name is not None else event.address
+        self.nthreads = event.nthreads
+        self.memory_limit = event.memory_limit
+        self.resources = dict(event.resources)
+        self.status = event.status
+        self.info = event.info
+        self.processing: set[TaskState] = set()
+        self.has_what: set[TaskState] = set()
+
+    def __repr__(self) -> str:
+        return f"<WorkerState {self.address} {self.status}>"
+
+
+class ClientState:
+    __slots__ = ("id", "wants")
+
+    def __init__(self, client_id: str) -> None:
+        self.id = client_id
+        self.wants: set[TaskState] = set()
+
+    def __repr__(self) -> str:
+        return f"<ClientState {self.id}>"
+
+
+def host_of(address: str) -> str:
+    """'tcp://127.0.0.1:8786' -> '127.0.0.1'; '[::1]' keeps its brackets off."""
+    location = address.split("://", 1)[-1]
+    host = location.rsplit(":", 1)[0]
+    return host.strip("[]")
