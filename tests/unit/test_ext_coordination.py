@@ -203,9 +203,9 @@ def test_clear_lowers_the_flag_of_a_waited_event_and_forgets_an_unwaited_one(
     ev.ask("event_set", name="e")
     assert ext.flags == {"e": True}
     assert ev.ask("event_clear", name="e") is None
-    assert ext.flags == {}  # nobody waits: forgotten (event.py:100-106)
+    assert ext.flags == {}  # nobody waits: forgotten (event.py:106-110)
     waiter = ev.call("event_wait", name="e")
-    ev.ask("event_clear", name="e")  # a waiter: only cleared (event.py:108-117)
+    ev.ask("event_clear", name="e")  # a waiter: only cleared (event.py:112-121)
     assert ext.flags == {"e": False} and ev.answer(waiter) is PENDING
     ev.ask("event_set", name="e")
     assert ev.answer(waiter) is True
@@ -460,7 +460,7 @@ def test_an_unrefreshed_lease_expires_after_lease_timeout_and_frees_a_waiter(
     sem.advance(10)  # the check at +40 expires it
     assert sem.answer(waiter) is True
     assert isinstance(sem.ext, Semaphores) and sem.ext.leases == {"s": {"next": T0 + 40}}
-    # The old holder's release is now a warning only (semaphore.py:191-199).
+    # The old holder's release is now a warning only (semaphore.py:182-187).
     assert sem.ask("semaphore_release", name="s", lease_id="dead") is None
     assert sem.ask("semaphore_value", name="s") == 1
 
@@ -519,7 +519,7 @@ def test_refresh_field_errors(sem: Driver) -> None:
         "semaphore_refresh_leases",
         name="s",
     )
-    # No lease ids: the name is never looked at (semaphore.py:106).
+    # No lease ids: the name is never looked at (semaphore.py:94-95).
     assert sem.ask("semaphore_refresh_leases", name={}, lease_ids=[]) is None
     raises(
         sem,
@@ -769,7 +769,7 @@ def test_a_repeated_lock_name_deadlocks_on_itself_as_in_dask(ml: Driver) -> None
 def test_a_waiter_made_ready_twice_fails_the_request_that_did_it(ml: Driver) -> None:
     """num_locks < len(locks): the waiter stays queued on the locks it did not need; when one
     of them comes to it after it was answered, Dask's ``self.events[waiter]`` is a KeyError
-    in that request (multi_lock.py:113-114)."""
+    in that request (multi_lock.py:111-112)."""
     acquire(ml, "A", ["x"])
     acquire(ml, "B", ["y"])
     w = acquire(ml, "W", ["x", "y"], num_locks=1)

@@ -348,6 +348,12 @@ def test_numpy_scalar_decoding_works_on_memoryview_frames() -> None:
     assert_same_values_and_types(loads(frames), {"k": NUMPY_KEY})
 
 
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_numpy_scalars_pickled_with_any_protocol_are_decoded(protocol: int) -> None:
+    payload = Pickled.from_bytes(pickle.dumps(np.int16(-7), protocol=protocol))
+    assert_same_values_and_types(loads(dumps({"k": ("x", payload)})), {"k": ("x", np.int16(-7))})
+
+
 @pytest.mark.parametrize("scalar", NUMPY_SCALARS, ids=lambda s: type(s).__name__)
 def test_numpy_scalars_round_trip_with_their_type(scalar: np.generic) -> None:
     message = {"value": scalar, "key": ("x", scalar)}

@@ -265,6 +265,12 @@ class Comm(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
+    async def wait_lost(self) -> None:
+        """Return once the connection is gone: closed by either side, or broken. Noticed
+        without reading, so a handler can tell that the peer it serves has left."""
+        if self._lost is not None:
+            await asyncio.shield(self._lost)
+
     async def close(self) -> None:
         """Flush what was written, then close (abort if the peer does not take it in time)."""
         already_closed = self._closed

@@ -7,8 +7,8 @@ A decoder per stream op turns one message dict into one typed event of
 ``BadMessage`` naming the peer, the op and the field: the peer's fault, caught by the shell
 before anything was applied, so a peer's garbage never reaches the state machine (where an
 unhashable "key" could fail half-way through a step). Keys are checked to be Dask keys
-(str, bytes, int, float, or tuples of those); the worker's ``stimulus_id`` is kept, so logs
-and stories name the worker's own stimulus.
+(str, bytes, numbers such as int, float and numpy integers, or tuples of those); the
+worker's ``stimulus_id`` is kept, so logs and stories name the worker's own stimulus.
 
 ``CLIENT_DECODERS`` and ``WORKER_DECODERS`` map ops to decoders; ops served by extensions
 are not here (``Core.serves_stream``).
@@ -16,6 +16,7 @@ are not here (``Core.serves_stream``).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -25,7 +26,8 @@ from dsched.state import events as ev
 Message = dict[str, Any]
 Decoder = Callable[[str, Message], ev.Event | None]
 
-_KEY_ATOMS = (str, bytes, int, float)
+# numbers.Number: dask.array keys may hold numpy integers (vindex), decoded as np.int64.
+_KEY_ATOMS = (str, bytes, int, float, numbers.Number)
 
 
 def key(value: Any) -> Any:

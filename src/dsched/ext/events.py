@@ -3,7 +3,7 @@
 
 Theory of operation
 -------------------
-Dask's ``EventExtension`` (distributed/event.py:17-144) keeps an ``asyncio.Event`` per name
+Dask's ``EventExtension`` (distributed/event.py:17-149) keeps an ``asyncio.Event`` per name
 and a count of the coroutines waiting on it. Here an event is its flag, and its waiters are
 parked requests in arrival order:
 
@@ -11,11 +11,11 @@ parked requests in arrival order:
   until ``event_set`` (answered True) or until ``now + timeout`` (a ``SetTimer``; answered
   False). Every waiter is answered True by the set that wakes it, even if the event is
   cleared right after: asyncio.Event resolves its waiters' futures inside ``set()``
-  (event.py:60-86). A timeout <= 0 answers False at once unless the flag is set, as
+  (event.py:62-89). A timeout <= 0 answers False at once unless the flag is set, as
   ``asyncio.timeout(0)`` does.
 * ``event_set(name)`` sets the flag (creating the event), ``event_is_set(name)`` reads it (an
-  unknown event is not set, and is not created: event.py:119-129).
-* Cleanup (event.py:29-42, 80-85, 100-117): an event that is not set and has no waiters is
+  unknown event is not set, and is not created: event.py:123-133).
+* Cleanup (event.py:24-42, 80-87, 102-121): an event that is not set and has no waiters is
   forgotten, so that names do not pile up: the last waiter to leave an unset event removes
   it, and ``event_clear`` removes an event nobody waits on (it only lowers the flag while
   there are waiters). Hence: an event is known <=> it is set or has waiters.
@@ -26,7 +26,7 @@ parked requests in arrival order:
 Request binding
 ---------------
 Dask calls a handler as ``handler(**msg)`` once ``handle_comm`` has popped ``op``, ``reply``,
-``serializers`` and ``close`` (distributed/core.py:752-791), and sends back whatever the
+``serializers`` and ``close`` (distributed/core.py:755-812), and sends back whatever the
 handler raises. ``call_as_dask`` does the same with a stub carrying the Dask handler's
 parameters and ``__qualname__`` (``_event_wait`` below is ``EventExtension.event_wait``), so
 a missing or unexpected field raises exactly Dask's TypeError; the handlers then perform the
@@ -150,7 +150,7 @@ def _event_is_set(name: Any = None) -> Any:
 
 
 def _normalize_name(name: Any) -> Any:
-    """event.py:131-136 (lists arrive as tuples over msgpack anyway)."""
+    """event.py:135-140 (lists arrive as tuples over msgpack anyway)."""
     return tuple(name) if isinstance(name, list) else name
 
 
@@ -183,7 +183,7 @@ class Events(Extension):
     def _wait(self, request: Request, now: float, effects: list[Effect]) -> Any:
         name, timeout = call_as_dask(_event_wait, request.args)
         name = _normalize_name(name)
-        hash(name)  # ``self._events[name]`` comes first (event.py:67)
+        hash(name)  # ``self._events[name]`` comes first (event.py:70)
         at = deadline(now, timeout)
         if self.flags.get(name):
             return True

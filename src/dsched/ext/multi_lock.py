@@ -12,12 +12,12 @@ state, and the same operations in the same order, so that odd requests end the s
 * ``multi_lock_acquire(locks, id, timeout, num_locks)`` queues ``id`` on every lock, least
   contended first, and answers True at once if ``num_locks`` of them were free; a request
   that gets all it needs that way leaves the queues of the remaining locks
-  (multi_lock.py:50-83). Otherwise it parks until enough locks come to it (answered True)
-  or its timeout passes (a ``SetTimer``; it leaves every queue it is in, possibly handing
-  locks on, and is answered False; a timeout <= 0 does that at once).
-* ``multi_lock_release(id)`` leaves every queue of ``id`` (multi_lock.py:85-114): each lock it
-  held goes to the next in line, and any waiter that now has all it needs is answered True.
-  An unknown id is a KeyError, as in Dask.
+  (multi_lock.py:49-80, 114-133). Otherwise it parks until enough locks come to it
+  (answered True) or its timeout passes (a ``SetTimer``; it leaves every queue it is in,
+  possibly handing locks on, and is answered False; a timeout <= 0 does that at once).
+* ``multi_lock_release(id)`` leaves every queue of ``id`` (multi_lock.py:82-112, 134-136):
+  each lock it held goes to the next in line, and any waiter that now has all it needs is
+  answered True. An unknown id is a KeyError, as in Dask.
 
 Dask wakes a ready waiter with ``loop.add_callback(event.set)``; here it is answered in the
 same step. The one place this shows is a waiter that becomes "ready" a second time (a
@@ -123,7 +123,7 @@ class MultiLocks(Extension):
 
     # ------------------------------------------------------------------ Dask's algorithm
     def _request_locks(self, locks: Any, id: Any, num_locks: Any) -> bool:
-        """multi_lock.py:50-83: queue ``id`` on ``locks``; whether it got ``num_locks``."""
+        """multi_lock.py:49-80: queue ``id`` on ``locks``; whether it got ``num_locks``."""
         assert id not in self.requests
         self.requests[id] = set(locks)
         assert len(locks) >= num_locks > 0
@@ -141,7 +141,7 @@ class MultiLocks(Extension):
         return False
 
     def _retain_locks(self, locks: Any, id: Any, effects: list[Effect]) -> None:
-        """multi_lock.py:85-114: leave the queues of ``locks``, handing held locks on."""
+        """multi_lock.py:82-112: leave the queues of ``locks``, handing held locks on."""
         waiters_ready: dict[Hashable, None] = {}
         for lock in locks:
             queue = self.locks.get(lock)

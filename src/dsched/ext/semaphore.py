@@ -3,13 +3,13 @@
 Theory of operation
 -------------------
 Dask's ``SemaphoreExtension`` (distributed/semaphore.py:23-245); a ``Lock`` is a Semaphore
-with ``max_leases=1`` whose ``locked()`` is ``semaphore_value == 1`` (lock.py:13-88). State:
+with ``max_leases=1`` whose ``locked()`` is ``semaphore_value == 1`` (lock.py:13-97). State:
 
 * ``max_leases`` / ``lease_timeouts``: one entry per registered semaphore. ``max_leases`` is
-  the point of truth for "registered" (semaphore.py:78-92): ``semaphore_register`` creates
-  it (AssertionError unless ``max_leases`` is an int) or checks that ``max_leases`` matches
-  (ValueError "Inconsistent max leases: ..."). ``lease_timeout`` comes from the *client's*
-  ``distributed.scheduler.locks.lease-timeout`` (None for "inf"; semaphore.py:408-425).
+  the point of truth for "registered" (semaphore.py:76-88, 119-122): ``semaphore_register``
+  creates it (AssertionError unless ``max_leases`` is an int) or checks that ``max_leases``
+  matches (ValueError "Inconsistent max leases: ..."). ``lease_timeout`` comes from the *client's*
+  ``distributed.scheduler.locks.lease-timeout`` (None for "inf"; semaphore.py:400-416).
 * ``leases``: name -> {lease id: last seen}, independent of registration, as in Dask (a
   refresh of an unknown name creates leases that count in ``semaphore_value``; closing
   drops them).
@@ -24,17 +24,17 @@ Requests (clients and tasks alike: tasks reach these through their worker's sche
   Dask wakes every waiter on each release and lets them race; its waiters retry in the
   order they parked, so serving them in that order on the spot is the same outcome.
 * ``semaphore_release(name, lease_id)``: frees the lease; an unknown semaphore or a lease
-  not held (released twice, or expired) is only a warning in the log (semaphore.py:181-201).
+  not held (released twice, or expired) is only a warning in the log (semaphore.py:171-194).
   Always answers None.
 * ``semaphore_value(name)``: the number of leases held (0 for an unknown name).
 * ``semaphore_refresh_leases(name, lease_ids)``: stamps each lease with ``now``; an unknown
-  lease is *created* (after a critical log line: semaphore.py:102-113), as in Dask.
+  lease is *created* (after a critical log line: semaphore.py:90-101), as in Dask.
 * ``semaphore_close(name)``: forgets the semaphore and its leases without telling holders.
   Acquires parked on it stay parked but are never served (Dask deletes the asyncio.Event
   they wait on): only their timeout answers them (False).
 
 Lease expiry: Dask checks every lease every ``distributed.scheduler.locks.lease-validation-
-interval`` (a periodic callback, semaphore.py:65-71, 209-230) and releases those not
+interval`` (a periodic callback, semaphore.py:64-71, 196-217) and releases those not
 refreshed for more than their semaphore's lease_timeout, which wakes the waiters. Here the
 check is a timer armed while there are leases that can expire (a semaphore with a truthy
 lease_timeout holding leases) and re-armed every interval while there still are, so an
@@ -274,7 +274,7 @@ class Semaphores(Extension):
     def _get_lease(
         self, name: Hashable, lease_id: Hashable, now: float, effects: list[Effect]
     ) -> bool:
-        """semaphore.py:115-130: grant (or renew) ``lease_id`` if it holds one or one is free."""
+        """semaphore.py:103-117: grant (or renew) ``lease_id`` if it holds one or one is free."""
         leases = self.leases.setdefault(name, {})
         if lease_id in leases or len(leases) < self.max_leases[name]:
             leases[lease_id] = now
@@ -304,7 +304,7 @@ class Semaphores(Extension):
             effects.append(SetTimer(_CHECK, self._check_at))
 
     def _check_lease_timeouts(self, now: float, effects: list[Effect]) -> None:
-        """semaphore.py:209-230: release every lease not refreshed within its timeout."""
+        """semaphore.py:196-217: release every lease not refreshed within its timeout."""
         expiring = False
         for name in list(self.leases):
             lease_timeout = self.lease_timeouts.get(name)

@@ -212,7 +212,18 @@ class Scheduler:
         request = self.reactor.request
 
         async def handler(comm: Comm, args: dict[str, Any]) -> Any:
-            return await request(op, comm.peer_address, args)
+            # A parked request (a lock acquire that waits) whose caller leaves is dropped:
+            # cancelling it tells the extension (Core.drop_request).
+            answer = asyncio.ensure_future(request(op, comm.peer_address, args))
+            lost = asyncio.ensure_future(comm.wait_lost())
+            try:
+                await asyncio.wait({answer, lost}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                lost.cancel()
+            if not answer.done():
+                answer.cancel()
+                raise CommClosedError(f"{comm.peer_address} left while {op!r} was waiting")
+            return answer.result()
 
         return handler
 

@@ -78,7 +78,8 @@ class ClientEvents(Engine):
                 generation,
                 order.get(spec.key, 0),
             )
-            self._apply_restrictions(ts, annotations)
+            if annotations:  # (most tasks have none)
+                self._apply_restrictions(ts, annotations)
         for spec in new_specs:
             ts = tasks[spec.key]
             for dep in spec.dependencies:
@@ -87,7 +88,7 @@ class ClientEvents(Engine):
                 dts.dependents.add(ts)
             out.policy.append(
                 policy.TaskAdded(
-                    ts.id, ts.priority, tuple(dts.id for dts in ts.dependencies), ts.prefix
+                    ts.id, ts.priority, tuple([dts.id for dts in ts.dependencies]), ts.prefix
                 )
             )
         recs: Recommendations = {}

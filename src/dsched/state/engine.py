@@ -74,6 +74,8 @@ KilledWorkerFactory = Callable[[Key, str, int], object]
 # One entry of ``transition_log``: (key, start, finish, stimulus_id, now).
 StoryEntry = tuple[Key, str, str, str, float]
 Recommendations = dict[TaskState, str]
+TransitionCode = Callable[[TaskState, Recommendations, Outbox], None]
+NO_TRANSITIONS: dict[str, TransitionCode] = {}
 
 
 class Engine:
@@ -123,9 +125,7 @@ class Engine:
         self.transition_log: deque[StoryEntry] = deque(maxlen=transition_log_length)
         self._log_move = self.transition_log.append  # (one attribute lookup per move)
         self.observe_transitions = observe_transitions
-        self._transitions: dict[
-            tuple[str, str], Callable[[TaskState, Recommendations, Outbox], None]
-        ] = {
+        self._transitions: dict[tuple[str, str], TransitionCode] = {
             (RELEASED, WAITING): self._released_waiting,
             (WAITING, READY): self._waiting_ready,
             (NO_WORKER, READY): self._waiting_ready,
@@ -143,6 +143,10 @@ class Engine:
             (NO_WORKER, ERRED): self._to_erred,
             (PROCESSING, ERRED): self._to_erred,
         }
+        # The same, by start then target: ``_transition`` looks up without building a pair.
+        self._transitions_from: dict[str, dict[str, TransitionCode]] = {}
+        for (start, finish), code in self._transitions.items():
+            self._transitions_from.setdefault(start, {})[finish] = code
 
     def task_by_id(self, task_id: int) -> TaskState | None:
         return self._tasks_by_id.get(task_id)
@@ -185,14 +189,14 @@ class Engine:
             if not ts.dependents:
                 recs[ts] = FORGOTTEN
             return
-        transition = self._transitions.get((start, finish))
-        if transition is not None:
-            transition(ts, recs, out)
-        elif (start, RELEASED) in self._transitions and start != RELEASED:
+        codes = self._transitions_from.get(start, NO_TRANSITIONS)
+        transition = codes.get(finish)
+        if transition is None and start != RELEASED:
             # Go through released; settling there decides whether to wait again or forget.
-            self._transitions[start, RELEASED](ts, recs, out)
-        else:
+            transition = codes.get(RELEASED)
+        if transition is None:
             raise InvalidTransition(f"{ts!r}: {start} -> {finish}")
+        transition(ts, recs, out)
 
     @staticmethod
     def _needed(ts: TaskState) -> bool:
@@ -256,9 +260,12 @@ class Engine:
         out.policy.append(self._task_ready_event(ts))
 
     def _task_ready_event(self, ts: TaskState) -> policy.TaskReady:
+        # (List comprehensions, not generators: twice as fast for a few items.)
         inputs = tuple(
-            policy.TaskInput(dts.nbytes, tuple(ws.id for ws in dts.who_has))
-            for dts in ts.dependencies
+            [
+                policy.TaskInput(dts.nbytes, tuple([ws.id for ws in dts.who_has]))
+                for dts in ts.dependencies
+            ]
         )
         allowed: frozenset[int] | None = None
         if ts.worker_restrictions is not None:
@@ -381,7 +388,7 @@ class Engine:
         who_has = {}
         nbytes = {}
         for dts in ts.dependencies:
-            who_has[dts.key] = tuple(w.address for w in dts.who_has)
+            who_has[dts.key] = tuple([w.address for w in dts.who_has])
             nbytes[dts.key] = dts.nbytes
         out.send_worker(
             ws.address,
@@ -416,7 +423,7 @@ class Engine:
         if not ts.long_running:
             out.policy.append(policy.TaskDone(ts.id, ws.id, duration, nbytes))
         ts.long_running = False
-        steal = self.steals.pop(ts, None)
+        steal = self.steals.pop(ts, None) if self.steals else None
         if steal is not None:
             # The task left its worker while a steal was in flight: the steal is void, and
             # the victim's late steal-response will not match anything.

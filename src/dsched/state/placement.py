@@ -39,9 +39,7 @@ class PlacementEvents(Engine):
         newly_unplaceable: dict[str, list[TaskState]] = {}
         for decision in event.decisions:
             ts = self._tasks_by_id.get(decision.task)
-            if isinstance(decision, policy.Steal):
-                self._request_steal(decision, ts, out)
-            elif isinstance(decision, policy.Assignment):
+            if isinstance(decision, policy.Assignment):  # the common case first
                 ws = self._workers_by_id.get(decision.worker)
                 if ts is None or ts.state != READY or ws is None or ws.status != "running":
                     # Stale: give the policy its load back and offer the task again.
@@ -52,6 +50,8 @@ class PlacementEvents(Engine):
                 if ts.unplaceable_reason is not None:
                     ts.unplaceable_reason = None  # if it becomes unplaceable again, say so
                 self._start_processing(ts, ws, out)
+            elif isinstance(decision, policy.Steal):
+                self._request_steal(decision, ts, out)
             elif ts is not None and ts.state == READY:
                 self._move(ts, NO_WORKER, out)
                 self.no_worker.add(ts)

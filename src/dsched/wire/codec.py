@@ -491,13 +491,9 @@ def _decode_numpy_scalar(raw_header: bytes) -> object:
     return value
 
 
-def _numpy_scalar(raw_header: Frame) -> object:
-    data = raw_header if type(raw_header) is bytes else bytes(raw_header)
-    # A numpy scalar's pickle starts with the global numpy._core.multiarray.scalar, within
-    # the first ~60 bytes of the sub-header whatever the order of its entries: a short
-    # search rules out every other payload cheaply.
-    if data.find(b"numpy", 0, _NUMPY_WINDOW) < 0:
-        return _NOT_A_SCALAR
+def _numpy_scalar(data: bytes) -> object:
+    """The numpy scalar a small pickled payload's sub-header holds (cached), else
+    ``_NOT_A_SCALAR``."""
     value = _decoded_scalars.get(data, _MISSING)
     if value is _MISSING:
         value = _decode_numpy_scalar(data)
@@ -562,10 +558,15 @@ def _make_object_hook(frames: Sequence[Frame]) -> Callable[[dict[Any, Any]], obj
         if "__Pickled__" in obj:
             offset = _check_offset(frames, "__Pickled__", obj["__Pickled__"])
             raw_header = frames[offset]
+            # A numpy scalar's pickle starts with the global numpy._core.multiarray.scalar,
+            # within the first ~60 bytes of the sub-header whatever the order of its
+            # entries: a short search rules out every other payload cheaply.
             if len(raw_header) <= _SCALAR_HEADER_MAX:
-                scalar = _numpy_scalar(raw_header)
-                if scalar is not _NOT_A_SCALAR:
-                    return scalar
+                data = raw_header if type(raw_header) is bytes else bytes(raw_header)
+                if data.find(b"numpy", 0, _NUMPY_WINDOW) >= 0:
+                    scalar = _numpy_scalar(data)
+                    if scalar is not _NOT_A_SCALAR:
+                        return scalar
             try:
                 header = msgpack.unpackb(raw_header, raw=False, strict_map_key=False)
             except _UNPACK_ERRORS as error:
