@@ -327,7 +327,7 @@ def test_the_transition_log_is_bounded():
     d.step(ev.ClientReleasesKeys("c", ["b"]))
     assert len(d.state.transition_log) == 4
     assert [e[:3] for e in d.state.transition_log] == [e[:3] for e in list(full)[-4:]]
-    assert SchedulerState(killed_worker=print).transition_log.maxlen == 100_000
+    assert SchedulerState(killed_worker=print).transition_log.maxlen == 1000
 
 
 # ----------------------------------------------------------------------------- observations

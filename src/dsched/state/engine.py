@@ -67,8 +67,9 @@ from dsched.state.records import (
 
 FIRE_AND_FORGET = "fire-and-forget"
 
-# distributed.admin.low-level-log-length: how many moves ``story`` remembers.
-TRANSITION_LOG_LENGTH = 100_000
+# How many moves ``story`` remembers: distributed.admin.low-level-log-length's default,
+# which the server passes from the config (longer logs cost cache misses, see the docs).
+TRANSITION_LOG_LENGTH = 1000
 
 KilledWorkerFactory = Callable[[Key, str, int], object]
 # One entry of ``transition_log``: (key, start, finish, stimulus_id, now).
