@@ -26,6 +26,7 @@ from dask.utils import parse_timedelta
 from dsched.comm import CommClosedError
 from dsched.core import inbound
 from dsched.server.errors import pickled_exception
+from dsched.server.ops import RpcOp, call
 from dsched.server.reactor import Reactor
 from dsched.wire import ProtocolError
 
@@ -40,6 +41,14 @@ class DataProxy:
         self.reactor = reactor
         self.state = reactor.core.state
         self.pool = reactor.pool
+
+    def rpc_ops(self) -> dict[str, RpcOp]:
+        return {
+            "gather": call(self.gather),
+            "scatter": call(self.scatter),
+            "update_data": call(self.update_data),
+            "broadcast": call(self.broadcast),
+        }
 
     # ------------------------------------------------------------------ gather
     async def gather(self, keys: Iterable[Any], **_: Any) -> dict[str, Any]:

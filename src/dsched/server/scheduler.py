@@ -8,10 +8,11 @@ each with one job, then listens:
 * ``reactor``: drives the core tick by tick and carries out its effects (``reactor.py``);
 * ``streams``: clients' and workers' batched streams (``streams.py``);
 * ``data``: gather / scatter / broadcast through the scheduler (``dataproxy.py``);
-* the op registry, here: ``rpc_ops`` maps every RPC op to one handler, the shell's own
-  (identity, heartbeats, the data proxy, registration, which turns the comm into a stream)
-  and every op an extension serves, routed to the core. There are no special cases outside
-  it: an accepted comm reads a request, looks its op up, writes the reply, and repeats.
+* the op registry, here: ``rpc_ops`` maps every RPC op to one handler (``ops.py``): the
+  shell's own (identity, heartbeats, registration, which turns the comm into a stream), the
+  op providers' (the data proxy, ...) and every op an extension serves, routed to the
+  core. There are no special cases outside it: an accepted comm reads a request, looks its
+  op up, writes the reply, and repeats.
 
 Adding an RPC is adding it to an extension's ``rpc_ops`` (pure, testable without a loop);
 only handlers that must do I/O for the request live here.
@@ -27,7 +28,7 @@ import os
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import dask
@@ -42,6 +43,7 @@ from dsched.ext.registry import CONFIG_DEFAULTS, default_extensions
 from dsched.policy.protocol import Policy, wanted_events
 from dsched.server.dataproxy import DataProxy
 from dsched.server.errors import error_reply, killed_worker
+from dsched.server.ops import TAKEN_OVER, OpProvider, RpcOp, call
 from dsched.server.policy_process import dask_policy_config
 from dsched.server.reactor import Reactor, Tracer
 from dsched.server.streams import StreamOps, Streams
@@ -65,10 +67,6 @@ WATCHDOG_INTERVAL = 1.0
 # register_nanny: the nanny writes one status message on the comm once its worker is up.
 NANNY_STATUS_TIMEOUT = 60
 
-# An RPC handler: (comm, request fields) -> reply value (TAKEN_OVER: the comm is a stream
-# now, or closed; nothing more is read from it here).
-RpcOp = Callable[[Comm, dict[str, Any]], Awaitable[Any]]
-TAKEN_OVER = object()
 
 
 def heartbeat_interval(n_workers: int) -> float:
@@ -174,17 +172,6 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the op registry
     def _rpc_ops(self) -> dict[str, RpcOp]:
-        data = self.data
-
-        def call(handler: Callable[..., Any]) -> RpcOp:
-            async def op(comm: Comm, args: dict[str, Any]) -> Any:
-                result = handler(**args)
-                if asyncio.iscoroutine(result):
-                    result = await result
-                return result
-
-            return op
-
         ops: dict[str, RpcOp] = {
             "register-client": self._register_client,
             "register-worker": self._register_worker,
@@ -193,19 +180,21 @@ class Scheduler:
             "identity": call(self.identity),
             "heartbeat_worker": call(self.heartbeat_worker),
             "unregister": call(self.unregister),
-            "gather": call(data.gather),
-            "scatter": call(data.scatter),
-            "update_data": call(data.update_data),
-            "broadcast": call(data.broadcast),
             "retry": call(self.retry),
             "versions": call(self.versions),
             "terminate": call(self.terminate),
             "dsched_info": call(self.dsched_info),
         }
-        for op in self.core.rpc_ops:
-            if op in ops:
-                raise ValueError(f"RPC op {op!r} is served by the shell and an extension")
-            ops[op] = self._extension_op(op)
+        providers: list[OpProvider] = [self.data]
+        served = [
+            *(provider.rpc_ops().items() for provider in providers),
+            ((op, self._extension_op(op)) for op in self.core.rpc_ops),
+        ]
+        for items in served:
+            for op, handler in items:
+                if op in ops:
+                    raise ValueError(f"RPC op {op!r} is served twice")
+                ops[op] = handler
         return ops
 
     def _extension_op(self, op: str) -> RpcOp:
