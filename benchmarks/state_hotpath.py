@@ -72,7 +72,11 @@ def run(graph: graphs.SimGraph, args: argparse.Namespace) -> None:
         clock[0] += 0.001
         for _ in range(min(args.batch, len(compute_tasks))):
             address, key, run_id = compute_tasks.popleft()
-            core.handle(ev.TaskFinished(address, key, run_id, 8, type=b"int"), clock[0])
+            # Workers send their own stimulus id with every message (the decoder keeps it).
+            finished_msg = ev.TaskFinished(
+                address, key, run_id, 8, type=b"int", stimulus_id=f"task-finished-{clock[0]}"
+            )
+            core.handle(finished_msg, clock[0])
             finished += 1
         settle()
     done = time.process_time()

@@ -1,5 +1,5 @@
 """Distributed events (``distributed.Event``): ``event_wait``, ``event_set``, ``event_clear``,
-``event_is_set``; and the request binding shared by the coordination primitives.
+``event_is_set``.
 
 Theory of operation
 -------------------
@@ -23,128 +23,53 @@ parked requests in arrival order:
   (Dask cannot notice that: its coroutine stays counted until the event is set or the
   timeout passes. Nothing a client can observe depends on it.)
 
-Request binding
----------------
-Dask calls a handler as ``handler(**msg)`` once ``handle_comm`` has popped ``op``, ``reply``,
-``serializers`` and ``close`` (distributed/core.py:755-812), and sends back whatever the
-handler raises. ``call_as_dask`` does the same with a stub carrying the Dask handler's
-parameters and ``__qualname__`` (``_event_wait`` below is ``EventExtension.event_wait``), so
-a missing or unexpected field raises exactly Dask's TypeError; the handlers then perform the
-same operations as Dask's code in the same order (``hash(name)`` where Dask indexes a dict,
-``float(now) + timeout`` where asyncio computes a deadline), which raises the same exceptions
-with the same messages for ill-typed fields. ``serve`` turns an exception into a ``Fail``
-(the caller's RPC raises it, as Dask's ``error_message`` reply makes it) without losing the
-effects of what happened before it.
+Requests are bound to stubs of Dask's handler signatures (``dsched.ext.requests``); the
+handlers then perform the same operations as Dask's code in the same order (``hash(name)``
+where Dask indexes a dict, ``float(now) + timeout`` where asyncio computes a deadline), which
+raises the same exceptions with the same messages for ill-typed fields.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Hashable, Mapping
-from typing import Any, ClassVar, Final, TypeVar
+from collections.abc import Hashable, Mapping
+from typing import Any, ClassVar
 
 from dsched.ext.protocol import (
     CancelTimer,
     Effect,
     Effects,
     Extension,
-    Fail,
     Reply,
     Request,
-    SetTimer,
 )
-from dsched.wire.codec import Pickled
-
-T = TypeVar("T")
-
-# The fields ``distributed.core.Server.handle_comm`` pops before calling a handler.
-_NOT_HANDLER_ARGUMENTS: Final = frozenset({"op", "reply", "serializers", "close"})
-
-# ``serve``'s marker for a request that is parked (answered by a later call's effects).
-PARKED: Final = object()
-
-Body = Callable[[Request, float, list[Effect]], Any]
-
-
-def dask_handler(qualname: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
-    """Name a binding stub like the Dask handler it stands for (for TypeError messages)."""
-
-    def name(stub: Callable[..., T]) -> Callable[..., T]:
-        stub.__qualname__ = qualname
-        return stub
-
-    return name
-
-
-def _plain(value: Any) -> Any:
-    """A field as Dask's ``loads`` hands it over: objects msgpack could not carry arrive
-    pickled, and Dask unpickles them on receipt (distributed/protocol/core.py)."""
-    if isinstance(value, Pickled):
-        return value.unpickle()
-    if type(value) is tuple:
-        return tuple(_plain(item) for item in value)
-    return value
-
-
-def call_as_dask(stub: Callable[..., T], args: Mapping[Any, Any]) -> T:
-    """Call ``stub`` with a request's fields, as ``handle_comm`` calls a handler."""
-    fields = {k: _plain(v) for k, v in args.items() if k not in _NOT_HANDLER_ARGUMENTS}
-    return stub(**fields)
-
-
-def serve(request: Request, now: float, body: Body) -> list[Effect]:
-    """Run a handler body: its return value is the answer (unless ``PARKED``); what it raises
-    fails the request, after the effects it produced before raising. (The shell logs the
-    failures of the requests it answers.)"""
-    effects: list[Effect] = []
-    try:
-        value = body(request, now, effects)
-    except Exception as exc:
-        effects.append(Fail(request.id, exc))
-        return effects
-    if value is not PARKED:
-        effects.append(Reply(request.id, value))
-    return effects
-
-
-def deadline(now: float, timeout: Any) -> float | None:
-    """When a wait of ``timeout`` seconds started at ``now`` ends (None: never), with the
-    arithmetic (and so the TypeError of an ill-typed timeout) of ``Deadline.after`` and
-    ``asyncio.timeout``, which add the timeout to a float clock reading."""
-    if timeout is None:
-        return None
-    at: float = float(now) + timeout
-    return at
-
-
-def expired(at: float | None, now: float) -> bool:
-    """A wait that ends at ``at`` is over before it starts (timeout <= 0, or NaN, which
-    ``Deadline.remaining`` turns into 0)."""
-    return at is not None and not at > now
-
-
-def timer(token: Hashable, at: float | None) -> list[Effect]:
-    """The timer of a wait ending at ``at`` (none for an endless one)."""
-    return [SetTimer(token, at)] if at is not None and math.isfinite(at) else []
+from dsched.ext.requests import (
+    PARKED,
+    dask_args,
+    dask_signature,
+    deadline,
+    deadline_timer,
+    expired,
+    serve,
+)
 
 
 # ----------------------------------------------------------------------------- Dask's handlers
-@dask_handler("EventExtension.event_wait")
+@dask_signature("EventExtension.event_wait")
 def _event_wait(name: Any = None, timeout: Any = None) -> tuple[Any, Any]:
     return name, timeout
 
 
-@dask_handler("EventExtension.event_set")
+@dask_signature("EventExtension.event_set")
 def _event_set(name: Any = None) -> Any:
     return name
 
 
-@dask_handler("EventExtension.event_clear")
+@dask_signature("EventExtension.event_clear")
 def _event_clear(name: Any = None) -> Any:
     return name
 
 
-@dask_handler("EventExtension.event_is_set")
+@dask_signature("EventExtension.event_is_set")
 def _event_is_set(name: Any = None) -> Any:
     return name
 
@@ -181,7 +106,7 @@ class Events(Extension):
         return serve(request, now, self._wait)
 
     def _wait(self, request: Request, now: float, effects: list[Effect]) -> Any:
-        name, timeout = call_as_dask(_event_wait, request.args)
+        name, timeout = dask_args(_event_wait, request.args, unpickle=True)
         name = _normalize_name(name)
         hash(name)  # ``self._events[name]`` comes first (event.py:70)
         at = deadline(now, timeout)
@@ -190,7 +115,7 @@ class Events(Extension):
         if expired(at, now):
             return False
         self.flags.setdefault(name, False)
-        timers = timer(("wait", request.id), at)
+        timers = deadline_timer(("wait", request.id), at)
         self.waiters.setdefault(name, {})[request.id] = bool(timers)
         self._parked[request.id] = name
         effects.extend(timers)
@@ -200,7 +125,7 @@ class Events(Extension):
         return serve(request, now, self._set)
 
     def _set(self, request: Request, now: float, effects: list[Effect]) -> Any:
-        name = _normalize_name(call_as_dask(_event_set, request.args))
+        name = _normalize_name(dask_args(_event_set, request.args, unpickle=True))
         self.flags[name] = True
         for waiter, timed in self.waiters.pop(name, {}).items():
             del self._parked[waiter]
@@ -213,7 +138,7 @@ class Events(Extension):
         return serve(request, now, self._clear)
 
     def _clear(self, request: Request, now: float, effects: list[Effect]) -> Any:
-        name = _normalize_name(call_as_dask(_event_clear, request.args))
+        name = _normalize_name(dask_args(_event_clear, request.args, unpickle=True))
         if not self.waiters.get(name):
             self.flags.pop(name, None)
             self.waiters.pop(name, None)
@@ -225,7 +150,7 @@ class Events(Extension):
         return serve(request, now, self._is_set)
 
     def _is_set(self, request: Request, now: float, effects: list[Effect]) -> Any:
-        name = _normalize_name(call_as_dask(_event_is_set, request.args))
+        name = _normalize_name(dask_args(_event_is_set, request.args, unpickle=True))
         return self.flags.get(name, False)
 
     # ------------------------------------------------------------------ waiters leaving

@@ -36,26 +36,26 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping
 from typing import Any, ClassVar
 
-from dsched.ext.events import (
+from dsched.ext.protocol import CancelTimer, Effect, Effects, Extension, Fail, Log, Reply, Request
+from dsched.ext.requests import (
     PARKED,
-    call_as_dask,
-    dask_handler,
+    dask_args,
+    dask_signature,
     deadline,
+    deadline_timer,
     expired,
     serve,
-    timer,
 )
-from dsched.ext.protocol import CancelTimer, Effect, Effects, Extension, Fail, Log, Reply, Request
 
 
-@dask_handler("MultiLockExtension.acquire")
+@dask_signature("MultiLockExtension.acquire")
 def _acquire(
     locks: Any = None, id: Any = None, timeout: Any = None, num_locks: Any = None
 ) -> tuple[Any, Any, Any, Any]:
     return locks, id, timeout, num_locks
 
 
-@dask_handler("MultiLockExtension.release")
+@dask_signature("MultiLockExtension.release")
 def _release(id: Any = None) -> Any:
     return id
 
@@ -96,7 +96,7 @@ class MultiLocks(Extension):
         return serve(request, now, self._acquire)
 
     def _acquire(self, request: Request, now: float, effects: list[Effect]) -> Any:
-        locks, id, timeout, num_locks = call_as_dask(_acquire, request.args)
+        locks, id, timeout, num_locks = dask_args(_acquire, request.args, unpickle=True)
         if self._request_locks(locks, id, num_locks):
             return True
         assert id not in self.events
@@ -106,7 +106,7 @@ class MultiLocks(Extension):
         if expired(at, now):
             self._retain_locks(locks, id, effects)
             return False
-        timers = timer(("acquire", request.id), at)
+        timers = deadline_timer(("acquire", request.id), at)
         waiter = _Waiter(request.id, id, locks, bool(timers))
         self.events[id] = waiter
         self._parked[request.id] = waiter
@@ -117,7 +117,7 @@ class MultiLocks(Extension):
         return serve(request, now, self._release)
 
     def _release(self, request: Request, now: float, effects: list[Effect]) -> Any:
-        id = call_as_dask(_release, request.args)
+        id = dask_args(_release, request.args, unpickle=True)
         self._retain_locks(self.requests[id], id, effects)
         return None
 

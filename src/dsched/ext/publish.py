@@ -48,7 +48,7 @@ from dsched.ext.protocol import (
     SetTimer,
     Stimulus,
 )
-from dsched.ext.variables import dask_args, dask_signature, stream_args
+from dsched.ext.requests import dask_args, dask_signature, stream_args
 from dsched.state import events as ev
 from dsched.wire.errors import RemoteProtocolError
 

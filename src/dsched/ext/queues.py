@@ -54,17 +54,15 @@ from dsched.ext.protocol import (
     Request,
     Stimulus,
 )
-from dsched.ext.variables import (
-    KeyWaits,
-    checked_key,
+from dsched.ext.requests import (
     dask_args,
     dask_signature,
     deadline,
     deadline_timer,
     expires,
-    future_record,
     stream_args,
 )
+from dsched.ext.variables import KeyWaits, checked_key, future_record
 from dsched.state import events as ev
 from dsched.wire.errors import RemoteProtocolError
 

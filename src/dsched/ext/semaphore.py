@@ -51,15 +51,6 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping
 from typing import Any, ClassVar, Final
 
-from dsched.ext.events import (
-    PARKED,
-    call_as_dask,
-    dask_handler,
-    deadline,
-    expired,
-    serve,
-    timer,
-)
 from dsched.ext.protocol import (
     CancelTimer,
     Effect,
@@ -70,37 +61,46 @@ from dsched.ext.protocol import (
     Request,
     SetTimer,
 )
+from dsched.ext.requests import (
+    PARKED,
+    dask_args,
+    dask_signature,
+    deadline,
+    deadline_timer,
+    expired,
+    serve,
+)
 
 VALIDATION_INTERVAL_KEY: Final = "distributed.scheduler.locks.lease-validation-interval"
 _CHECK: Final = ("check-leases",)
 
 
-@dask_handler("SemaphoreExtension.create")
+@dask_signature("SemaphoreExtension.create")
 def _create(name: Any, max_leases: Any, lease_timeout: Any) -> tuple[Any, Any, Any]:
     return name, max_leases, lease_timeout
 
 
-@dask_handler("SemaphoreExtension.acquire")
+@dask_signature("SemaphoreExtension.acquire")
 def _acquire(name: Any = None, timeout: Any = None, lease_id: Any = None) -> tuple[Any, Any, Any]:
     return name, timeout, lease_id
 
 
-@dask_handler("SemaphoreExtension.release")
+@dask_signature("SemaphoreExtension.release")
 def _release(name: Any = None, lease_id: Any = None) -> tuple[Any, Any]:
     return name, lease_id
 
 
-@dask_handler("SemaphoreExtension.close")
+@dask_signature("SemaphoreExtension.close")
 def _close(name: Any = None) -> Any:
     return name
 
 
-@dask_handler("SemaphoreExtension.refresh_leases")
+@dask_signature("SemaphoreExtension.refresh_leases")
 def _refresh_leases(name: Any = None, lease_ids: Any = None) -> tuple[Any, Any]:
     return name, lease_ids
 
 
-@dask_handler("SemaphoreExtension.get_value")
+@dask_signature("SemaphoreExtension.get_value")
 def _get_value(name: Any = None) -> Any:
     return name
 
@@ -157,7 +157,7 @@ class Semaphores(Extension):
         return serve(request, now, self._register)
 
     def _register(self, request: Request, now: float, effects: list[Effect]) -> Any:
-        name, max_leases, lease_timeout = call_as_dask(_create, request.args)
+        name, max_leases, lease_timeout = dask_args(_create, request.args, unpickle=True)
         if name not in self.max_leases:
             if not isinstance(max_leases, int):
                 raise AssertionError(max_leases)
@@ -175,7 +175,7 @@ class Semaphores(Extension):
         return serve(request, now, self._acquire)
 
     def _acquire(self, request: Request, now: float, effects: list[Effect]) -> Any:
-        name, timeout, lease_id = call_as_dask(_acquire, request.args)
+        name, timeout, lease_id = dask_args(_acquire, request.args, unpickle=True)
         if name not in self.max_leases:
             raise RuntimeError(f"Semaphore or Lock `{name}` not known.")
         at = deadline(now, timeout)
@@ -183,7 +183,7 @@ class Semaphores(Extension):
             return True
         if expired(at, now):
             return False
-        timers = timer(("acquire", request.id), at)
+        timers = deadline_timer(("acquire", request.id), at)
         waiter = _Acquire(request.id, name, lease_id, bool(timers))
         self.waiting.setdefault(name, {})[request.id] = waiter
         self._parked[request.id] = waiter
@@ -194,7 +194,7 @@ class Semaphores(Extension):
         return serve(request, now, self._release)
 
     def _release(self, request: Request, now: float, effects: list[Effect]) -> Any:
-        name, lease_id = call_as_dask(_release, request.args)
+        name, lease_id = dask_args(_release, request.args, unpickle=True)
         if name not in self.max_leases:
             effects.append(
                 Log("warning", f"Tried to release Lock or Semaphore `{name}` but it is not known.")
@@ -218,14 +218,14 @@ class Semaphores(Extension):
         return serve(request, now, self._value)
 
     def _value(self, request: Request, now: float, effects: list[Effect]) -> Any:
-        name = call_as_dask(_get_value, request.args)
+        name = dask_args(_get_value, request.args, unpickle=True)
         return len(self.leases.get(name, ()))
 
     def rpc_refresh_leases(self, request: Request, now: float) -> Effects:
         return serve(request, now, self._refresh_leases)
 
     def _refresh_leases(self, request: Request, now: float, effects: list[Effect]) -> Any:
-        name, lease_ids = call_as_dask(_refresh_leases, request.args)
+        name, lease_ids = dask_args(_refresh_leases, request.args, unpickle=True)
         for id_ in lease_ids:
             leases = self.leases.setdefault(name, {})
             if id_ not in leases:
@@ -246,7 +246,7 @@ class Semaphores(Extension):
         return serve(request, now, self._close)
 
     def _close(self, request: Request, now: float, effects: list[Effect]) -> Any:
-        name = call_as_dask(_close, request.args)
+        name = dask_args(_close, request.args, unpickle=True)
         if name not in self.max_leases:
             return None
         del self.max_leases[name]

@@ -46,7 +46,6 @@ The helpers below (``dask_args``, ``stream_args``, ``future_record``, ``deadline
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -62,8 +61,14 @@ from dsched.ext.protocol import (
     Log,
     Reply,
     Request,
-    SetTimer,
     Stimulus,
+)
+from dsched.ext.requests import (
+    dask_args,
+    dask_signature,
+    deadline,
+    deadline_timer,
+    stream_args,
 )
 from dsched.state import events as ev
 from dsched.wire.errors import RemoteProtocolError
@@ -75,36 +80,13 @@ Key = Any
 Stub = Callable[..., dict[str, Any]]
 _F = TypeVar("_F", bound=Callable[..., Any])
 
-# Fields of a request that Dask's server pops before calling the handler (core.py).
-CONTROL_FIELDS = frozenset({"op", "reply", "serializers", "close"})
 
 
 # ----------------------------------------------------------------------------- shared helpers
-def dask_signature(qualname: str) -> Callable[[_F], _F]:
-    """Name a stub after the Dask handler whose signature it copies, so that binding a
-    request to it raises Dask's own ``TypeError`` text (``"VariableExtension.get() got an
-    unexpected keyword argument 'x'"``)."""
-
-    def rename(stub: _F) -> _F:
-        stub.__qualname__ = qualname
-        return stub
-
-    return rename
 
 
-def dask_args(stub: Stub, args: Mapping[Any, Any]) -> dict[str, Any]:
-    """An RPC's fields bound to a Dask handler signature (defaults filled in); raises the
-    ``TypeError`` Dask's ``handler(**msg)`` would."""
-    return stub(**{k: v for k, v in args.items() if k not in CONTROL_FIELDS})
 
 
-def stream_args(stub: Stub, peer: str, msg: Mapping[Any, Any]) -> dict[str, Any]:
-    """A stream message's fields bound as Dask's ``handler(**merge({"client": peer}, msg))``
-    does; a mismatch is the peer's fault."""
-    try:
-        return stub(**{"client": peer, **{k: v for k, v in msg.items() if k != "op"}})
-    except TypeError as exc:
-        raise RemoteProtocolError(str(exc)) from None
 
 
 def checked_key(value: Any, field: str = "key") -> Any:
@@ -133,24 +115,10 @@ def future_record(state: SchedulerState, key: Key, **extra: Any) -> dict[str, An
     return record
 
 
-def deadline(now: float, timeout: Any) -> float | None:
-    """``now + timeout`` (raising Dask's ``TypeError`` for a non-number), None for none."""
-    if timeout is None:
-        return None
-    at = now + timeout
-    return float(at)
 
 
-def expires(at: float | None) -> bool:
-    """Whether a deadline ever comes (None, inf and nan never do)."""
-    return at is not None and math.isfinite(at)
 
 
-def deadline_timer(token: Hashable, at: float | None) -> list[Effect]:
-    """A timer for a deadline that ever comes."""
-    if at is None or not expires(at):
-        return []
-    return [SetTimer(token, at)]
 
 
 class KeyWaits:
