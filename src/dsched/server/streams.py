@@ -10,8 +10,10 @@ graph does not stall heartbeats; the client's stream waits for it, which keeps t
 client's messages in order while every other peer keeps being served).
 
 Whose fault: a message that cannot be decoded (``RemoteProtocolError``, ``ValueError``)
-gets the peer an ``error`` message and a warning in the log, and the stream goes on with
-the next message: nothing was applied. Anything else raised while applying a
+gets a warning in the log and, from a client, an ``error`` message on its stream (the
+Client logs it; a worker has no handler for ``error`` and would close its stream, losing
+its data, over a message we could not read), and the stream goes on with the next message:
+nothing was applied. Anything else raised while applying a
 message is a bug of ours: logged loudly with the story of the keys involved, and the stream
 is closed (the peer reconnects or is removed, which brings the state back to something
 consistent) instead of carrying on over half-applied state.
@@ -112,14 +114,17 @@ class Streams:
     def close(self) -> None:
         self._intake.shutdown(wait=False, cancel_futures=True)
 
-    async def run(self, comm: Comm, peer: str, table: dict[str, StreamHandler]) -> None:
-        """Read a batched stream until it closes, dispatching each message in order."""
+    async def run(
+        self, comm: Comm, peer: str, table: dict[str, StreamHandler], *, tell_peer: bool
+    ) -> None:
+        """Read a batched stream until it closes, dispatching each message in order;
+        ``tell_peer``: send bad messages' errors to the peer too (clients)."""
         while True:
             batch = await comm.read()
             try:
                 messages = stream_messages(batch)
             except RemoteProtocolError as exc:
-                self._peer_error(comm, peer, str(exc))
+                self._peer_error(comm, peer, str(exc), tell_peer)
                 comm.abort()
                 return
             for msg in messages:
@@ -128,14 +133,14 @@ class Streams:
                     return
                 handler = table.get(op) if isinstance(op, str) else None
                 if handler is None:
-                    self._peer_error(comm, peer, f"ignoring unknown stream op {op!r}")
+                    self._peer_error(comm, peer, f"ignoring unknown stream op {op!r}", tell_peer)
                     continue
                 try:
                     result = handler(peer, msg)
                     if result is not None:
                         await result
                 except (RemoteProtocolError, ValueError, TypeError) as exc:
-                    self._peer_error(comm, peer, f"{op!r}: {exc}")
+                    self._peer_error(comm, peer, f"{op!r}: {exc}", tell_peer)
                 except Exception as exc:
                     keys = msg.get("keys") or ([msg["key"]] if "key" in msg else [])
                     self.reactor.log_internal_error(exc, keys if isinstance(keys, list) else ())
@@ -143,10 +148,11 @@ class Streams:
                     return
 
     @staticmethod
-    def _peer_error(comm: Comm, peer: str, why: str) -> None:
+    def _peer_error(comm: Comm, peer: str, why: str, tell_peer: bool) -> None:
         logger.warning("bad stream message from %s: %s", peer, why)
-        with contextlib.suppress(CommClosedError, OSError):
-            comm.write([{"op": "error", "exception": why}])
+        if tell_peer:
+            with contextlib.suppress(CommClosedError, OSError):
+                comm.write([{"op": "error", "exception": why}])
 
     # ------------------------------------------------------------------ clients
     async def client_stream(self, comm: Comm, request: dict[str, Any]) -> None:
@@ -159,7 +165,7 @@ class Streams:
         reactor.handle(ev.ClientConnected(client))
         logger.info("client %s connected from %s", client, comm.peer_address)
         try:
-            await self.run(comm, client, self.ops.client)
+            await self.run(comm, client, self.ops.client, tell_peer=True)
         finally:
             if reactor.clients.get(client) is comm:
                 del reactor.clients[client]
@@ -243,7 +249,7 @@ class Streams:
             table = self._traced(table)
         expected = False
         try:
-            await self.run(comm, address, table)
+            await self.run(comm, address, table, tell_peer=False)
             expected = True  # the worker said close-stream: it is leaving on purpose
         finally:
             if reactor.workers.get(address) is record:
