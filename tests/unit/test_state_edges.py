@@ -184,8 +184,23 @@ def steal() -> Driver:
     return d
 
 
+def actor_lost() -> Driver:
+    """An actor's worker dies: the actor errs from memory, it is not recomputed."""
+    d = Driver()
+    task = ev.NewTask("act", (), "run-act", {})
+    d.step(ev.GraphReceived("c", [task], ["act"], {"act": 0}, actors=True))
+    ts = d.state.tasks["act"]
+    assert ts.processing_on is not None  # placed by the state machine, not the policy
+    home = ts.processing_on.address
+    d.finish("act")
+    d.step(ev.WorkerDisconnected(home))
+    assert ts.state == "erred"
+    return d
+
+
 SCENARIOS = [
     chain,
+    actor_lost,
     scatter,
     killed_worker,
     released_while_running,

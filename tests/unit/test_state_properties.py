@@ -135,8 +135,11 @@ actions = st.one_of(
     warmup=st.integers(0, 8),
     script=st.lists(actions, min_size=4, max_size=40),
     allowed_failures=st.integers(0, 3),
+    actor_ids=st.sets(st.integers(0, 11), max_size=3),
 )
-def test_random_histories_keep_invariants_and_settle(graphs, warmup, script, allowed_failures):
+def test_random_histories_keep_invariants_and_settle(
+    graphs, warmup, script, allowed_failures, actor_ids
+):
     h = MirroredHarness(ReplicaMirror(), allowed_failures=allowed_failures)
     for address in WORKERS[:2]:
         h.add_worker(address)
@@ -152,7 +155,13 @@ def test_random_histories_keep_invariants_and_settle(graphs, warmup, script, all
         if not keys:
             continue
         annotations = {prefix + k: {"resources": {"GPU": 1}} for k in gpu}
-        h.submit(graph, keys, client=client, annotations=annotations)
+        actors = [k for k in (f"{prefix}t{i}" for i in sorted(actor_ids)) if k in graph]
+        tasks = [
+            ev.NewTask(k, deps, f"run-{k}", dict(annotations.get(k, {})))
+            for k, deps in graph.items()
+        ]
+        order = {k: i for i, k in enumerate(graph)}
+        h.step(ev.GraphReceived(client, tasks, keys, order, actors=actors))
         wanted[client] |= set(keys)
     scattered = 0
     # Finish a few tasks first, so that the script finds data in memory to copy and drop.

@@ -124,6 +124,26 @@ class Core:
         self.extensions[name] = extension
         extension.attach(self.state)
 
+    def set_observations(
+        self, extension: Extension, observes: frozenset[type], transitions: bool
+    ) -> None:
+        """Change at run time what a registered extension observes (e.g. scheduler plugins
+        come and go). The lists are replaced, never mutated, so a fan-out in progress is
+        not disturbed; the state machine records transitions only while someone observes."""
+        for event_type in set(self._observers) | set(observes):
+            current = [e for e in self._observers.get(event_type, ()) if e is not extension]
+            if event_type in observes:
+                current.append(extension)
+            if current:
+                self._observers[event_type] = current
+            else:
+                self._observers.pop(event_type, None)
+        observers = [e for e in self._transition_observers if e is not extension]
+        if transitions:
+            observers.append(extension)
+        self._transition_observers = observers
+        self.state.observe_transitions = bool(observers)
+
     def serves_rpc(self, op: str) -> bool:
         return op in self._rpc_ops
 
@@ -209,9 +229,9 @@ class Core:
         flush = self._flush
         for effect in effects:
             if isinstance(effect, ToClient):
-                out.send_client(effect.client, effect.msg)
+                out.send_client_raw(effect.client, effect.msg)
             elif isinstance(effect, ToWorker):
-                out.send_worker(effect.address, effect.msg)
+                out.send_worker_raw(effect.address, effect.msg)
             elif isinstance(effect, Reply | Fail):
                 if self._parked.pop(effect.request, None) is not None:
                     flush.answers.append(effect)

@@ -9,6 +9,8 @@ before anything was applied, so a peer's garbage never reaches the state machine
 unhashable "key" could fail half-way through a step). Keys are checked to be Dask keys
 (str, bytes, numbers such as int, float and numpy integers, or tuples of those); the
 worker's ``stimulus_id`` is kept, so logs and stories name the worker's own stimulus.
+``TaskFinished`` / ``TaskErred`` also keep a reference to the message itself (``msg``, no
+copy), for the fields only the task stream reads (``startstops``, ``thread``, ...).
 
 ``CLIENT_DECODERS`` and ``WORKER_DECODERS`` map ops to decoders; ops served by extensions
 are not here (``Core.serves_stream``).
@@ -205,6 +207,7 @@ def _task_finished(peer: str, msg: Message) -> ev.Event:
         msg.get("type"),
         compute_duration(msg.get("startstops", ())),
         stimulus_id=f.stimulus_id(),
+        msg=msg,
     )
 
 
@@ -219,6 +222,7 @@ def _task_erred(peer: str, msg: Message) -> ev.Event:
         str(msg.get("exception_text", "")),
         str(msg.get("traceback_text", "")),
         stimulus_id=f.stimulus_id(),
+        msg=msg,
     )
 
 

@@ -179,13 +179,26 @@ class Lifecycle(Extension):
         elif selected is None and args.get("n"):
             selected = list(workers)[: int(args["n"])]
         addresses = [a for a in dict.fromkeys(selected or ()) if a in workers]
+        # Actors cannot be moved: Dask's RetireWorker leaves a worker holding any running.
+        refused = [
+            Log(
+                "warning",
+                f"Tried retiring worker {a}, but it holds actor(s) "
+                f"{sorted(map(str, (ts.key for ts in workers[a].actors)))}, which can't be "
+                "moved. The worker will not be retired.",
+            )
+            for a in addresses
+            if workers[a].actors
+        ]
+        addresses = [a for a in addresses if not workers[a].actors]
         if not addresses:
-            return [Reply(request.id, {})]
+            return [*refused, Reply(request.id, {})]
         others = [
             ws for ws in workers.values() if ws.address not in addresses and ws.status == "running"
         ]
         if not others and self.state.unique_keys_on(addresses):
             return [
+                *refused,
                 Log("warning", f"not retiring {addresses}: no other running worker for its data"),
                 Reply(request.id, {}),
             ]
@@ -198,6 +211,7 @@ class Lifecycle(Extension):
         )
         self._retires[request.id] = job
         effects: list[Effect] = [
+            *refused,
             Log("info", f"retiring workers {addresses} ({stimulus_id})"),
             Stimulus(ev.RetireWorkers(addresses, stimulus_id)),
         ]

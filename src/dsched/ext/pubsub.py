@@ -13,7 +13,7 @@ from the scheduler itself (restart); a client that leaves is unsubscribed from e
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 from dsched.ext.protocol import Effect, Effects, Extension, Reply, Request, ToClient
@@ -43,6 +43,9 @@ class PubSub(Extension):
     def __init__(self, maxlen: int = 1000) -> None:
         self.maxlen = maxlen
         self.topics: dict[str, _Topic] = {}
+        # Called with (topic, msg) for every published event (the shell's scheduler-plugin
+        # log_event hooks); empty unless a plugin has that hook.
+        self.listeners: list[Callable[[str, Any], None]] = []
 
     def _topic(self, name: str) -> _Topic:
         topic = self.topics.get(name)
@@ -61,6 +64,8 @@ class PubSub(Extension):
             topic.count += 1
             message = {"op": "event", "topic": name, "event": event}
             effects.extend(ToClient(client, message) for client in topic.subscribers)
+            for listener in self.listeners:
+                listener(name, msg)
         return effects
 
     def rpc_log_event(self, request: Request, now: float) -> Effects:

@@ -3,9 +3,9 @@
 Theory of operation
 -------------------
 The RPCs a Client uses to look at the cluster (``Client.who_has``, ``has_what``,
-``nthreads``, ``nbytes``, ``processing``, ``get_task_status``) answer from the task state
-at once; they never change it. Unknown keys and workers get Dask's answers (an empty
-list, or no entry).
+``nthreads``, ``nbytes``, ``processing``, ``get_task_status``, and ``get_story`` for
+``Client.story``) answer from the task state at once; they never change it. Unknown keys
+and workers get Dask's answers (an empty list, or no entry).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class ClusterQueries(Extension):
         "nbytes": "nbytes",
         "processing": "processing",
         "get_task_status": "get_task_status",
+        "get_story": "get_story",
     }
 
     def who_has(self, request: Request, now: float) -> Effects:
@@ -85,11 +86,23 @@ class ClusterQueries(Extension):
         }
         return [Reply(request.id, processing)]
 
-
     def get_task_status(self, request: Request, now: float) -> Effects:
         tasks = self.state.tasks
         status = {k: tasks[k].state if k in tasks else None for k in request.args["keys"]}
         return [Reply(request.id, status)]
+
+
+    def get_story(self, request: Request, now: float) -> Effects:
+        """Dask's ``get_story``: the transition log entries of these keys, as Dask's
+        ``Transition(key, start, finish, recommendations, stimulus_id, timestamp)``.
+        dsched does not log recommendations: they are ``{}``, so an entry is found by its
+        own key only (Dask also finds the entries whose recommendations name the key)."""
+        wanted = list(request.args.get("keys_or_stimuli") or ())
+        story: list[tuple[Any, str, str, dict[Any, str], str, float]] = [
+            (key, start, finish, {}, stimulus_id, timestamp)
+            for key, start, finish, stimulus_id, timestamp in self.state.story(*wanted)
+        ]
+        return [Reply(request.id, story)]
 
 
 def _listed(selected: Any, everything: Iterable[Any]) -> list[Any]:

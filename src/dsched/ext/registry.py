@@ -13,22 +13,36 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from dsched.ext.actors import ActorProxy
 from dsched.ext.events import Events
 from dsched.ext.lifecycle import Lifecycle
+from dsched.ext.memory import MemoryManager
+from dsched.ext.metadata import Metadata
 from dsched.ext.multi_lock import MultiLocks
 from dsched.ext.protocol import Extension
 from dsched.ext.publish import Publish
 from dsched.ext.pubsub import PubSub
 from dsched.ext.queries import ClusterQueries
 from dsched.ext.queues import Queues
+from dsched.ext.replay import Replay
+from dsched.ext.resources import Resources
 from dsched.ext.semaphore import Semaphores
+from dsched.ext.task_stream import TaskStream
 from dsched.ext.variables import Variables
+from dsched.ext.worker_status import WorkerStatusFeed
 
 # Configuration values the built-in extensions read (Dask keys, with Dask's defaults).
 CONFIG_DEFAULTS: dict[str, Any] = {
     "distributed.admin.low-level-log-length": 1000,
     "distributed.comm.timeouts.connect": "30s",
     "distributed.scheduler.locks.lease-validation-interval": "10s",
+    "distributed.scheduler.dashboard.status.task-stream-length": 1000,
+    "distributed.scheduler.dashboard.tasks.task-stream-length": 100000,
+    "distributed.scheduler.active-memory-manager.start": True,
+    "distributed.scheduler.active-memory-manager.interval": "2s",
+    "distributed.worker.memory.rebalance.sender-min": 0.3,
+    "distributed.worker.memory.rebalance.recipient-max": 0.6,
+    "distributed.worker.memory.rebalance.sender-recipient-gap": 0.1,
 }
 
 
@@ -40,6 +54,11 @@ FACTORIES: list[Callable[[Mapping[str, Any]], Extension]] = [
     Events.from_config,
     Semaphores.from_config,
     MultiLocks.from_config,
+    TaskStream.from_config,
+    lambda values: Metadata(),
+    lambda values: Replay(),
+    lambda values: Resources(),
+    lambda values: WorkerStatusFeed(),
 ]
 
 
@@ -54,5 +73,7 @@ def default_extensions(config: Mapping[str, Any] | None = None) -> list[Extensio
         pubsub,
         ClusterQueries(),
         Lifecycle(pubsub, connect_timeout=connect_timeout),
+        MemoryManager.from_config(values, pubsub),
+        ActorProxy(),
         *(factory(values) for factory in FACTORIES),
     ]

@@ -66,6 +66,7 @@ from dsched.policy.protocol import (
     Unplaceable,
     WorkerAdded,
     WorkerRemoved,
+    WorkerResources,
     WorkerStatus,
 )
 
@@ -230,6 +231,10 @@ class BasePolicy:
                 self._worker_removed(event.worker)
             elif isinstance(event, WorkerStatus):
                 self._worker_status(event)
+            elif isinstance(event, WorkerResources):
+                worker = self.workers.get(event.worker)
+                if worker is not None:
+                    worker.resources = dict(event.resources)
             elif isinstance(event, BandwidthMeasured):
                 self.bandwidth = event.bytes_per_second
         if added:

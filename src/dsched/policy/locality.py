@@ -45,6 +45,7 @@ from dsched.policy.protocol import (
     Unplaceable,
     WorkerAdded,
     WorkerRemoved,
+    WorkerResources,
     WorkerStatus,
 )
 
@@ -98,6 +99,10 @@ class LocalityPolicy:
                 worker = self._workers.get(event.worker)
                 if worker is not None:
                     worker.running = event.running
+            elif isinstance(event, WorkerResources):
+                worker = self._workers.get(event.worker)
+                if worker is not None:
+                    worker.resources = dict(event.resources)
             elif isinstance(event, BandwidthMeasured):
                 self._bandwidth = event.bytes_per_second
             elif isinstance(event, TaskCancelled):

@@ -7,7 +7,8 @@ replica, what runs where. A policy answers one question: *which worker runs a ta
 ready*. The runtime tells the policy what it needs to know as a batch of events, and the
 policy answers with decisions:
 
-* ``WorkerAdded`` / ``WorkerRemoved`` / ``WorkerStatus``: the set of workers that may run tasks.
+* ``WorkerAdded`` / ``WorkerRemoved`` / ``WorkerStatus``: the set of workers that may run tasks;
+  ``WorkerResources``: a worker's resources changed (``Worker.set_resources``).
 * ``TaskReady``: every dependency of the task is in memory. It carries what placement needs:
   the priority, each input's size and holders, and the workers allowed to run it.
 * ``TaskDone``: a task the policy assigned is no longer running on that worker (it finished,
@@ -119,6 +120,14 @@ class WorkerRemoved:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerResources:
+    """The worker now offers these resources (all of them; ``Worker.set_resources``)."""
+
+    worker: int
+    resources: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerStatus:
     """Only running workers may be given tasks (paused or retiring ones may not)."""
 
@@ -216,6 +225,7 @@ PolicyEvent = (
     WorkerAdded
     | WorkerRemoved
     | WorkerStatus
+    | WorkerResources
     | TaskReady
     | TaskDone
     | TaskCancelled

@@ -163,10 +163,10 @@ class Reactor:
             record = self.workers.get(address)
             if record is not None:
                 self.write(record.comm, msgs)
-        for client, msgs in out.to_clients.items():
+        for client, client_msgs in out.to_clients.items():
             comm = self.clients.get(client)
             if comm is not None:
-                self.write(comm, msgs)
+                self.write(comm, client_msgs)
         if self.trace is not None:
             self.trace.outbox(out, time.time())
         for address in out.close_workers:

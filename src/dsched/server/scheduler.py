@@ -43,9 +43,12 @@ from dsched.ext.registry import CONFIG_DEFAULTS, default_extensions
 from dsched.policy.protocol import Policy, wanted_events
 from dsched.server.dataproxy import DataProxy
 from dsched.server.errors import error_reply, killed_worker
+from dsched.server.forwarding import Forwarding
 from dsched.server.ops import TAKEN_OVER, OpProvider, RpcOp, call
+from dsched.server.plugins import Plugins
 from dsched.server.policy_process import dask_policy_config
 from dsched.server.reactor import Reactor, Tracer
+from dsched.server.remote_code import RemoteCode
 from dsched.server.streams import StreamOps, Streams
 from dsched.state import InvariantError
 from dsched.state import events as ev
@@ -154,9 +157,20 @@ class Scheduler:
             lambda: heartbeat_interval(len(self.reactor.workers)),
         )
         self.data = DataProxy(self.reactor)
+        self.forwarding = Forwarding(
+            self.reactor,
+            self.identity,
+            lambda address: self.streams.remove_worker(
+                address, expected=False, reason="restart-workers"
+            ),
+        )
         self._listener: Listener | None = None
         self._stopped = asyncio.Event()
         self._last_activity = time.time()
+        # Worker, nanny and scheduler plugins; run_on_scheduler and feed (the facade).
+        self.plugins = Plugins(self)
+        self.streams.worker_plugins = self.plugins.worker_plugins
+        self.remote_code = RemoteCode(self.plugins, self._stopped)
         self.rpc_ops = self._rpc_ops()
 
     @property
@@ -185,7 +199,7 @@ class Scheduler:
             "terminate": call(self.terminate),
             "dsched_info": call(self.dsched_info),
         }
-        providers: list[OpProvider] = [self.data]
+        providers: list[OpProvider] = [self.data, self.forwarding, self.plugins, self.remote_code]
         served = [
             *(provider.rpc_ops().items() for provider in providers),
             ((op, self._extension_op(op)) for op in self.core.rpc_ops),
@@ -243,6 +257,7 @@ class Scheduler:
         if self._stopped.is_set():
             return
         logger.info("closing the scheduler: %s", reason)
+        await self.plugins.close()  # scheduler plugins' before_close and close hooks
         reactor = self.reactor
         reactor.flush()
         if reactor.trace is not None:
@@ -360,9 +375,10 @@ class Scheduler:
         return TAKEN_OVER
 
     async def _register_nanny(self, comm: Comm, request: dict[str, Any]) -> Any:
-        comm.write({"status": "OK", "nanny-plugins": {}})
-        with contextlib.suppress(asyncio.TimeoutError, CommClosedError):
-            await asyncio.wait_for(comm.read(), NANNY_STATUS_TIMEOUT)
+        async with self.plugins.nanny_starting() as nanny_plugins:
+            comm.write({"status": "OK", "nanny-plugins": nanny_plugins})
+            with contextlib.suppress(asyncio.TimeoutError, CommClosedError):
+                await asyncio.wait_for(comm.read(), NANNY_STATUS_TIMEOUT)
         return TAKEN_OVER
 
     async def _close_comm(self, comm: Comm, request: dict[str, Any]) -> Any:

@@ -109,6 +109,9 @@ class Streams:
         self.lifecycle = lifecycle
         self.heartbeat_interval = heartbeat
         self._intake = ThreadPoolExecutor(1, thread_name_prefix="dsched-graph-intake")
+        # Worker plugins (name -> pickled bytes) shipped to every registering worker; the
+        # scheduler shares its plugin registry's dict here.
+        self.worker_plugins: dict[str, bytes] = {}
         ops.client["update-graph"] = self.update_graph
 
     def close(self) -> None:
@@ -206,6 +209,7 @@ class Streams:
                 user_priority=msg.get("user_priority") or 0,
                 fifo_timeout=parse_timedelta(fifo_timeout) if fifo_timeout else 0.0,
                 submitting_task=msg.get("submitting_task"),
+                actors=msg.get("actors") or (),
             )
         )
         trace = self.reactor.trace
@@ -240,7 +244,7 @@ class Streams:
                 "status": "OK",
                 "time": now,
                 "heartbeat-interval": self.heartbeat_interval(),
-                "worker-plugins": {},
+                "worker-plugins": self.worker_plugins,
             }
         )
         logger.info("worker %s registered (%s threads)", address, request.get("nthreads"))

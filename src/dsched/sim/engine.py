@@ -57,7 +57,7 @@ from dsched.policy.protocol import (
 from dsched.sim.graphs import Key, SimGraph
 from dsched.state import events as ev
 from dsched.state.machine import SchedulerState
-from dsched.state.outbox import Message
+from dsched.state.messages import ComputeTask, WorkerMessage
 
 CLIENT = "sim-client"
 # Dask's heartbeat interval for clusters of up to 10 workers (seconds).
@@ -159,27 +159,27 @@ class _Worker:
             self.memory -= nbytes
 
     # ---------------------------------------------------------------- messages
-    def receive(self, msg: Message) -> None:
-        op = msg["op"]
-        if op == "compute-task":
+    def receive(self, msg: WorkerMessage) -> None:
+        # (Tests of msg["op"] itself, not of a copy: that is what narrows the record type.)
+        if msg["op"] == "compute-task":
             self._compute(msg)
             self._schedule_heartbeat()
-        elif op == "free-keys":
+        elif msg["op"] == "free-keys":
             for key in msg["keys"]:
                 self._free(key)
-        elif op == "remove-replicas":
+        elif msg["op"] == "remove-replicas":
             for key in msg["keys"]:
                 if key in self.data and not self._needed_locally(key):
                     self._drop(key)
                     self.sim.to_scheduler(ev.ReleaseWorkerData(self.address, key))
-        elif op == "steal-request":
+        elif msg["op"] == "steal-request":
             self._steal(msg["key"], msg["stimulus_id"])
         # remove-worker, refresh-who-has, close: nothing to model
 
     def _needed_locally(self, key: Key) -> bool:
         return any(key in self.sim.graph.tasks[t].dependencies for t in self.tasks)
 
-    def _compute(self, msg: Message) -> None:
+    def _compute(self, msg: ComputeTask) -> None:
         key = msg["key"]
         if key in self.data:
             self._report(key, msg["run_id"], 0.0)
@@ -378,12 +378,12 @@ class Simulation:
             if worker is not None:
                 for msg in msgs:
                     self.at(self.now + self.cluster.latency, worker.receive, msg)
-        for msgs in out.to_clients.values():
-            for msg in msgs:
-                if msg["op"] == "key-in-memory":
-                    self._wanted.discard(msg["key"])
-                elif msg["op"] == "task-erred":
-                    self._erred.append(msg["key"])
+        for client_msgs in out.to_clients.values():
+            for client_msg in client_msgs:
+                if client_msg["op"] == "key-in-memory":
+                    self._wanted.discard(client_msg["key"])
+                elif client_msg["op"] == "task-erred":
+                    self._erred.append(client_msg["key"])
         if not self._wanted and self._done_at is None:
             self._done_at = self.now + self.cluster.latency
 

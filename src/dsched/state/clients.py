@@ -21,12 +21,14 @@ before its parent's generation.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 from dsched.policy import protocol as policy
 from dsched.state import events as ev
 from dsched.state.edges import ERRED, FORGOTTEN, MEMORY, RELEASED, WAITING
 from dsched.state.engine import FIRE_AND_FORGET, Engine, Recommendations
+from dsched.state.messages import CancelledKeys
 from dsched.state.outbox import Outbox
 from dsched.state.records import Key, TaskState, unwant
 
@@ -95,6 +97,8 @@ class ClientEvents(Engine):
         wanted = [tasks[key] for key in event.keys]
         for ts in wanted:
             self._want(cs, ts)
+        if event.actors:
+            self._flag_actors(event)
         for spec in new_specs:
             ts = tasks[spec.key]
             if not ts.who_wants and not ts.dependents:  # not culled by the intake: drop it
@@ -105,6 +109,20 @@ class ClientEvents(Engine):
             else:
                 self._report_state(cs, ts, out)
         self._run(recs, out)
+
+    def _flag_actors(self, event: ev.GraphReceived) -> None:
+        """``actors``: True flags every requested key, a list those keys; anything else is
+        ignored. Dask sets the flag on known tasks too, before any of them is placed; a task
+        already placed (ready, no-worker, processing, memory) keeps what it is, since its
+        worker was not told it is an actor (Dask would then hold an inconsistent state)."""
+        actors = event.actors
+        keys = event.keys if actors is True else actors
+        if not isinstance(keys, list | tuple):
+            return
+        for key in keys:
+            ts = self.tasks.get(key) if isinstance(key, Hashable) else None
+            if ts is not None and ts.state in (RELEASED, WAITING, ERRED):
+                ts.actor = True
 
     def _generation_for(self, event: ev.GraphReceived) -> float:
         """Older graphs run first; tasks submitted from a task run before their parent."""
@@ -188,7 +206,12 @@ class ClientEvents(Engine):
         recs: Recommendations = {}
         cancelled = self._cancel_closure(roots, recs, out, reason="cancel")
         keys = list(dict.fromkeys([*event.keys, *cancelled]))
-        msg = {"op": "cancelled-keys", "keys": keys, "reason": event.reason, "msg": event.msg}
+        msg: CancelledKeys = {
+            "op": "cancelled-keys",
+            "keys": keys,
+            "reason": event.reason,
+            "msg": event.msg,
+        }
         for client in self.clients.values():
             out.send_client(client.id, msg)
         self._run(recs, out)

@@ -1,4 +1,4 @@
-"""Cluster-wide events: restart and worker retirement.
+"""Cluster-wide events: restart, worker retirement, resources and replica drops.
 
 Theory of operation
 -------------------
@@ -10,6 +10,12 @@ empty: it marks the workers ``closing_gracefully`` (the policy stops placing tas
 them) and asks the least loaded running workers, round-robin, to copy every key held only
 by the retiring workers (one ``acquire-replicas`` per recipient). The copies come back as
 ``AddKeys``; the reactor then removes the workers as an expected loss.
+
+``WorkerResourcesSet`` (``set_resources``) merges a worker's new resources in, tells the
+policy (``WorkerResources``) and offers the no-worker tasks again. ``DropReplicas`` (the
+active memory manager, ``replicate``, ``rebalance``) forgets replicas at once, never a
+key's last one, and sends ``remove-replicas``; a worker that must keep one answers with
+``add-keys``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import Iterable
 
 from dsched.policy import protocol as policy
 from dsched.state import events as ev
+from dsched.state.edges import MEMORY
 from dsched.state.engine import Engine, Recommendations
 from dsched.state.outbox import Outbox
 from dsched.state.records import Key, TaskState, WorkerState, unwant
@@ -62,7 +69,8 @@ class ClusterEvents(Engine):
             return
         # Round-robin over the least loaded recipients; one acquire-replicas per recipient.
         requests: dict[WorkerState, tuple[dict[Key, list[str]], dict[Key, int]]] = {}
-        for i, ts in enumerate(self._unique_tasks_on(retiring)):
+        movable = [ts for ts in self._unique_tasks_on(retiring) if not ts.actor]  # never moved
+        for i, ts in enumerate(movable):
             target = recipients[i % len(recipients)]
             who_has, nbytes = requests.setdefault(target, ({}, {}))
             who_has[ts.key] = [ws.address for ws in ts.who_has]
@@ -93,3 +101,41 @@ class ClusterEvents(Engine):
         """Keys in memory only on these workers (what retiring them would lose)."""
         workers = {self.workers[a] for a in addresses if a in self.workers}
         return [ts.key for ts in self._unique_tasks_on(workers)]
+
+    def _worker_resources_set(self, event: ev.WorkerResourcesSet, out: Outbox) -> None:
+        """Dask's ``add_resources``: merged into the worker's resources; the policy hears
+        of the new set, and tasks parked for want of a worker are offered again."""
+        ws = self.workers.get(event.address)
+        if ws is None:
+            return
+        ws.resources.update(event.resources)
+        out.policy.append(policy.WorkerResources(ws.id, tuple(ws.resources.items())))
+        recs: Recommendations = {}
+        self._offer_no_worker_tasks(recs, placeable=True, unplaceable=True)
+        self._run(recs, out)
+        if self.actors_pending:
+            self._place_pending_actors(out)  # an actor may have waited for these resources
+
+    def _drop_replicas(self, event: ev.DropReplicas, out: Outbox) -> None:
+        """Dask's ``request_remove_replicas``: forget the replicas now, never a last one,
+        and tell the worker (which answers ``add-keys`` for one it must keep)."""
+        ws = self.workers.get(event.worker)
+        if ws is None:
+            return
+        dropped: list[Key] = []
+        for key in event.keys:
+            ts = self.tasks.get(key)
+            if ts is None or ts.state != MEMORY or ws not in ts.who_has or len(ts.who_has) < 2:
+                continue
+            if ts.actor:
+                continue  # an actor lives on one worker; other holders have handles to it
+            ts.who_has.discard(ws)
+            ws.has_what.discard(ts)
+            if self._replica_removed_events:
+                out.policy.append(policy.ReplicaRemoved(ts.id, ws.id))
+            dropped.append(key)
+        if dropped:
+            out.send_worker(
+                ws.address,
+                {"op": "remove-replicas", "keys": dropped, "stimulus_id": self._stimulus_id},
+            )

@@ -56,6 +56,7 @@ EDGES: dict[tuple[str, str], str] = {
     (PROCESSING, RELEASED): "not needed, worker lost, stale run, reschedule",
     (PROCESSING, ERRED): "task-erred with no retries left",
     (MEMORY, RELEASED): "no longer needed, or its last replica was lost",
+    (MEMORY, ERRED): "an actor whose worker was lost",
     (ERRED, RELEASED): "retried",
     (ERRED, FORGOTTEN): "nothing refers to it any more",
 }

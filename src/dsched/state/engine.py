@@ -28,11 +28,23 @@ or a dependent in waiting/ready/no-worker/processing needs it (``waiters``). A t
 is not needed is released (its data freed on every holder at once); a task that is not
 needed and has no dependents left is forgotten.
 
+*Actors* (``TaskState.actor``) are placed here, not by the policy, as Dask places them
+(``decide_worker_non_rootish``): on the running worker, within the task's restrictions, with
+the fewest actors, ignoring where the inputs are (objective ``(len(ws.actors), processing
+per thread, input bytes to fetch, id)``: dsched's runtime has no occupancy, the policy does).
+An actor never enters ``no-worker``: with no running worker it waits in ``ready``
+(``actors_pending``) until one runs. The policy never hears of actors (no ``TaskReady``,
+``TaskDone`` or ``TaskCancelled``), so it never steals or counts them. ``ws.actors`` holds
+the actors processing or in memory on ``ws``. An actor whose worker is lost is not
+recomputed: ``memory -> erred`` with Dask's "Worker holding Actor was lost", its dependents
+err with it (``_lose_data``).
+
 Pure: time comes in as ``now`` (``_now``), log lines and messages go out in the outbox.
 """
 
 from __future__ import annotations
 
+import pickle
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -54,6 +66,7 @@ from dsched.state.edges import (
     WAITING,
 )
 from dsched.state.errors import InvalidTransition, InvariantError
+from dsched.state.messages import CancelledKeys, KeyInMemory, TaskErred
 from dsched.state.outbox import Outbox
 from dsched.state.records import (
     NOBODY,
@@ -78,6 +91,11 @@ Recommendations = dict[TaskState, str]
 TransitionCode = Callable[[TaskState, Recommendations, Outbox], None]
 NO_TRANSITIONS: dict[str, TransitionCode] = {}
 
+# What Dask reports for an actor whose worker died (scheduler.py, memory -> erred), pickled
+# as the scheduler's own exceptions are (protocol 4); clients unpickle it.
+ACTOR_LOST_TEXT = "Worker holding Actor was lost"
+ACTOR_LOST = pickle.dumps(RuntimeError(ACTOR_LOST_TEXT), protocol=4)
+
 
 class Engine:
     def __init__(
@@ -101,6 +119,8 @@ class Engine:
         self.no_worker: set[TaskState] = set()
         # The no-worker tasks no worker of the cluster can run (offered only to new workers).
         self.unplaceable: set[TaskState] = set()
+        # Ready actors waiting for a running worker (placed by ``_place_actor``, not the policy).
+        self.actors_pending: set[TaskState] = set()
         # Plain booleans, tested on the hot path instead of set lookups.
         self._replica_added_events = policy.ReplicaAdded in wants
         self._replica_removed_events = policy.ReplicaRemoved in wants
@@ -258,7 +278,47 @@ class Engine:
             self.no_worker.discard(ts)
             self.unplaceable.discard(ts)
         self._move(ts, READY, out)
+        if ts.actor:
+            self._place_actor(ts, out)
+            return
         out.policy.append(self._task_ready_event(ts))
+
+    def _place_actor(self, ts: TaskState, out: Outbox) -> None:
+        """Start a ready actor on the running worker with the fewest actors (Dask's
+        ``worker_objective`` for actors), ignoring where its inputs are; with none running,
+        keep it ready in ``actors_pending`` (an actor is never ``no-worker``)."""
+        candidates = [ws for ws in self.workers.values() if ws.status == "running"]
+        names = ts.worker_restrictions
+        if names is not None:
+            allowed = [
+                ws
+                for ws in candidates
+                if ws.address in names or ws.host in names or str(ws.name) in names
+            ]
+            if allowed or not ts.loose_restrictions:
+                candidates = allowed
+        needs = ts.resource_restrictions
+        if needs:
+            candidates = [
+                ws
+                for ws in candidates
+                if all(ws.resources.get(name, 0) >= amount for name, amount in needs.items())
+            ]
+        if not candidates:
+            self.actors_pending.add(ts)
+            return
+
+        def objective(ws: WorkerState) -> tuple[int, float, int, int]:
+            fetch = sum([dts.nbytes for dts in ts.dependencies if ws not in dts.who_has])
+            return (len(ws.actors), len(ws.processing) / max(ws.nthreads, 1), fetch, ws.id)
+
+        self.actors_pending.discard(ts)
+        self._start_processing(ts, min(candidates, key=objective), out)
+
+    def _place_pending_actors(self, out: Outbox) -> None:
+        """A worker joined or runs again: place the actors that were waiting for one."""
+        for ts in sorted(self.actors_pending, key=lambda t: t.priority):
+            self._place_actor(ts, out)
 
     def _task_ready_event(self, ts: TaskState) -> policy.TaskReady:
         # (List comprehensions, not generators: twice as fast for a few items.)
@@ -288,7 +348,10 @@ class Engine:
     def _ready_released(self, ts: TaskState, recs: Recommendations, out: Outbox) -> None:
         self.no_worker.discard(ts)
         self.unplaceable.discard(ts)
-        out.policy.append(policy.TaskCancelled(ts.id))
+        if ts.actor:
+            self.actors_pending.discard(ts)  # the policy never heard of it
+        else:
+            out.policy.append(policy.TaskCancelled(ts.id))
         self._move(ts, RELEASED, out)
         self._settle_released(ts, recs)
 
@@ -301,6 +364,8 @@ class Engine:
     def _memory_released(self, ts: TaskState, recs: Recommendations, out: Outbox) -> None:
         for ws in ts.who_has:
             ws.has_what.discard(ts)
+            if ts.actor:
+                ws.actors.discard(ts)
             out.free_keys(ws.address, ts.key, self._stimulus_id)
             if self._replica_removed_events:
                 out.policy.append(policy.ReplicaRemoved(ts.id, ws.id))
@@ -351,7 +416,18 @@ class Engine:
         elif start in (READY, NO_WORKER):
             self.no_worker.discard(ts)
             self.unplaceable.discard(ts)
-            out.policy.append(policy.TaskCancelled(ts.id))
+            if ts.actor:
+                self.actors_pending.discard(ts)
+            else:
+                out.policy.append(policy.TaskCancelled(ts.id))
+        elif start == MEMORY:  # an actor whose worker was lost (``_lose_data``)
+            for ws in ts.who_has:
+                ws.has_what.discard(ts)
+                ws.actors.discard(ts)
+                out.free_keys(ws.address, ts.key, self._stimulus_id)
+                if self._replica_removed_events:
+                    out.policy.append(policy.ReplicaRemoved(ts.id, ws.id))
+            ts.who_has.clear()
         self._move(ts, ERRED, out)
         self._detach_from_inputs(ts, recs)
         for dts in ts.dependents:
@@ -363,7 +439,15 @@ class Engine:
             recs[ts] = FORGOTTEN
 
     def _lose_data(self, ts: TaskState, recs: Recommendations, out: Outbox) -> None:
-        """The last replica of ``ts`` is gone: recompute it if it is still needed."""
+        """The last replica of ``ts`` is gone: recompute it if it is still needed; an actor
+        is not recomputed but errs (Dask's memory -> erred), and its dependents with it."""
+        if ts.actor:
+            ts.exception = ACTOR_LOST
+            ts.traceback = None
+            ts.exception_text = f"RuntimeError('{ACTOR_LOST_TEXT}')"
+            ts.exception_blame = ts
+            self._to_erred(ts, recs, out)
+            return
         if ts.run_spec is None:
             self._move(ts, RELEASED, out)
             self._cancel_closure([ts], recs, out, reason="lost-data")
@@ -384,6 +468,8 @@ class Engine:
         self._move(ts, PROCESSING, out)
         ts.processing_on = ws
         ws.processing.add(ts)
+        if ts.actor:
+            ws.actors.add(ts)
         ts.run_id = self._next_run_id
         self._next_run_id += 1
         who_has = {}
@@ -403,7 +489,7 @@ class Engine:
                 "nbytes": nbytes,
                 "run_spec": ts.run_spec,
                 "resource_restrictions": ts.resource_restrictions,
-                "actor": False,
+                "actor": ts.actor,
                 "annotations": ts.annotations,
                 "span_id": None,
             },
@@ -421,7 +507,9 @@ class Engine:
             raise InvariantError(f"{ts!r} is stopped but runs on no worker")
         ws.processing.discard(ts)
         ts.processing_on = None
-        if not ts.long_running:
+        if ts.actor:
+            ws.actors.discard(ts)  # (back in if it went to memory here: _processing_memory)
+        elif not ts.long_running:
             out.policy.append(policy.TaskDone(ts.id, ws.id, duration, nbytes))
         ts.long_running = False
         steal = self.steals.pop(ts, None) if self.steals else None
@@ -464,7 +552,7 @@ class Engine:
                 ts.who_wants = NOBODY
             self._release_if_unneeded(ts, recs)
         if cancelled and reason == "lost-data":
-            msg = {"op": "cancelled-keys", "keys": cancelled, "reason": reason}
+            msg: CancelledKeys = {"op": "cancelled-keys", "keys": cancelled, "reason": reason}
             for cs in self.clients.values():
                 out.send_client(cs.id, msg)
         return cancelled
@@ -505,7 +593,7 @@ class Engine:
         blame = ts.exception_blame
         if blame is None:
             raise InvariantError(f"{ts!r} is reported erred but has no exception_blame")
-        msg = {
+        msg: TaskErred = {
             "op": "task-erred",
             "key": ts.key,
             "exception": blame.exception,
@@ -517,7 +605,7 @@ class Engine:
 
     def _report_memory(self, ts: TaskState, out: Outbox) -> None:
         if ts.who_wants:
-            msg: dict[str, Any] = {"op": "key-in-memory", "key": ts.key}
+            msg: KeyInMemory = {"op": "key-in-memory", "key": ts.key}
             if ts.type is not None:
                 msg["type"] = ts.type
             for cs in ts.who_wants:
@@ -526,7 +614,7 @@ class Engine:
 
     def _report_state(self, cs: ClientState, ts: TaskState, out: Outbox) -> None:
         if ts.state == MEMORY:
-            msg: dict[str, Any] = {"op": "key-in-memory", "key": ts.key}
+            msg: KeyInMemory = {"op": "key-in-memory", "key": ts.key}
             if ts.type is not None:
                 msg["type"] = ts.type
             out.send_client(cs.id, msg)

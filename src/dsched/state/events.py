@@ -70,6 +70,8 @@ class GraphReceived:
     fifo_timeout: float = 0.1
     submitting_task: Key | None = None
     stimulus_id: str = ""
+    # update-graph's ``actors``: True (every key in ``keys``) or the keys that are actors.
+    actors: bool | Sequence[Key] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +166,9 @@ class TaskFinished:
     type: object = None  # pickled class bytes, forwarded to clients as key-in-memory.type
     duration: float | None = None
     stimulus_id: str = ""
+    # The worker's message as decoded (a reference, no copy): the task stream reads its
+    # startstops, thread, typename and metadata.
+    msg: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +181,7 @@ class TaskErred:
     exception_text: str = ""
     traceback_text: str = ""
     stimulus_id: str = ""
+    msg: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +260,28 @@ class RetireWorkers:
     stimulus_id: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerResourcesSet:
+    """``set_resources`` (``Worker.set_resources``): the worker now offers these resources
+    (merged into what it offered, as Dask's ``add_resources``)."""
+
+    address: str
+    resources: Mapping[str, float]
+    stimulus_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DropReplicas:
+    """Drop these replicas from ``worker`` (Dask's ``request_remove_replicas``, used by the
+    active memory manager, ``replicate`` and ``rebalance``): forgotten by the scheduler at
+    once and ``remove-replicas`` sent; never a key's last replica. A worker that must keep
+    one answers ``add-keys``, which adds it back."""
+
+    worker: str
+    keys: Sequence[Key]
+    stimulus_id: str = ""
+
+
 # ----------------------------------------------------------------------------- policy
 @dataclass(frozen=True, slots=True)
 class PolicyDecisions:
@@ -285,5 +313,7 @@ Event = (
     | BandwidthReported
     | Restart
     | RetireWorkers
+    | WorkerResourcesSet
+    | DropReplicas
     | PolicyDecisions
 )

@@ -186,6 +186,8 @@ class SchedulerState(ClientEvents, WorkerEvents, PlacementEvents, ClusterEvents,
             ev.BandwidthReported: self._bandwidth_reported,
             ev.Restart: self._restart,
             ev.RetireWorkers: self._retire_workers,
+            ev.WorkerResourcesSet: self._worker_resources_set,
+            ev.DropReplicas: self._drop_replicas,
         }
 
     def handle(self, event: ev.Event, now: float, out: Outbox | None = None) -> Outbox:

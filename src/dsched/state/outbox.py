@@ -9,15 +9,22 @@ double of the network.
 ``transitions`` holds every task move ``(key, start, finish, stimulus_id)`` of the outbox's
 events, in order, when the state machine's ``observe_transitions`` is set (for scheduler
 extensions); it stays empty otherwise.
+
+Messages are typed records (``dsched.state.messages``): ``to_workers`` / ``to_clients`` hold
+``WorkerMessage`` / ``ClientMessage`` unions, which consumers narrow by testing ``op``.
+Extensions' own messages come in through ``send_worker_raw`` / ``send_client_raw``: opaque
+ops that every consumer ignores unless it knows them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 from dsched.policy.protocol import PolicyEvent
+from dsched.state.messages import ClientMessage, FreeKeys, WorkerMessage
 
-Message = dict[str, Any]
+Message = dict[str, Any]  # an untyped message (extensions' own ops)
 Transition = tuple[Any, str, str, str]  # (key, start, finish, stimulus_id)
 
 
@@ -33,8 +40,8 @@ class Outbox:
     )
 
     def __init__(self) -> None:
-        self.to_workers: dict[str, list[Message]] = {}
-        self.to_clients: dict[str, list[Message]] = {}
+        self.to_workers: dict[str, list[WorkerMessage]] = {}
+        self.to_clients: dict[str, list[ClientMessage]] = {}
         self.policy: list[PolicyEvent] = []
         self.close_workers: list[str] = []
         self.logs: list[tuple[str, str]] = []  # (level, text)
@@ -43,7 +50,7 @@ class Outbox:
         # The answer to a request-like event (e.g. the keys ``retry`` resets), if any.
         self.reply: Any = None
 
-    def send_worker(self, address: str, msg: Message) -> None:
+    def send_worker(self, address: str, msg: WorkerMessage) -> None:
         queue = self.to_workers.get(address)
         if queue is None:
             self.to_workers[address] = [msg]
@@ -53,14 +60,23 @@ class Outbox:
     def free_keys(self, address: str, key: Any, stimulus_id: str) -> None:
         """Tell a worker to forget a key; consecutive frees coalesce into one message."""
         queue = self.to_workers.get(address)
-        if queue and queue[-1]["op"] == "free-keys":
-            queue[-1]["keys"].append(key)
-        else:
-            self.send_worker(
-                address, {"op": "free-keys", "keys": [key], "stimulus_id": stimulus_id}
-            )
+        if queue:
+            last = queue[-1]
+            if last["op"] == "free-keys":
+                last["keys"].append(key)
+                return
+        msg: FreeKeys = {"op": "free-keys", "keys": [key], "stimulus_id": stimulus_id}
+        self.send_worker(address, msg)
 
-    def send_client(self, client: str, msg: Message) -> None:
+    def send_worker_raw(self, address: str, msg: Mapping[str, Any]) -> None:
+        """An extension's message: an op outside ``WorkerMessage``, passed on as it is."""
+        self.send_worker(address, cast(WorkerMessage, msg))
+
+    def send_client_raw(self, client: str, msg: Mapping[str, Any]) -> None:
+        """An extension's message: an op outside ``ClientMessage``, passed on as it is."""
+        self.send_client(client, cast(ClientMessage, msg))
+
+    def send_client(self, client: str, msg: ClientMessage) -> None:
         queue = self.to_clients.get(client)
         if queue is None:
             self.to_clients[client] = [msg]
@@ -78,12 +94,12 @@ class Outbox:
                 self.to_workers[address] = msgs
             else:
                 queue.extend(msgs)
-        for client, msgs in other.to_clients.items():
-            queue = self.to_clients.get(client)
-            if queue is None:
-                self.to_clients[client] = msgs
+        for client, client_msgs in other.to_clients.items():
+            client_queue = self.to_clients.get(client)
+            if client_queue is None:
+                self.to_clients[client] = client_msgs
             else:
-                queue.extend(msgs)
+                client_queue.extend(client_msgs)
         self.policy.extend(other.policy)
         self.close_workers.extend(other.close_workers)
         self.logs.extend(other.logs)
@@ -101,8 +117,10 @@ class Outbox:
             or self.transitions
         )
 
-    def messages(self, op: str) -> list[tuple[str, Message]]:
+    def messages(self, op: str) -> list[tuple[str, Any]]:
         """All (peer, message) pairs with this op, workers first: handy in tests and logs."""
-        found = [(a, m) for a, ms in self.to_workers.items() for m in ms if m["op"] == op]
+        found: list[tuple[str, Any]] = [
+            (a, m) for a, ms in self.to_workers.items() for m in ms if m["op"] == op
+        ]
         found += [(c, m) for c, ms in self.to_clients.items() for m in ms if m["op"] == op]
         return found

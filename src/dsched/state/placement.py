@@ -87,6 +87,7 @@ class PlacementEvents(Engine):
             ts is None
             or victim is None
             or ts.long_running
+            or ts.actor  # (the policy never places actors: a stale or foreign id)
             or ts in self.steals
             or thief is None
             or thief is victim

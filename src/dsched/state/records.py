@@ -40,6 +40,7 @@ def unwant(ts: TaskState, cs: ClientState) -> None:
 
 class TaskState:
     __slots__ = (
+        "actor",
         "annotations",
         "dependencies",
         "dependents",
@@ -105,6 +106,10 @@ class TaskState:
         # Why the policy last found no worker that could ever run it (logged once); reset
         # when it is assigned.
         self.unplaceable_reason: str | None = None
+        # An actor (update-graph's ``actors``): a stateful object living on the one worker
+        # that computed it. Never replicated, moved, stolen, rebalanced or dropped (code
+        # copying or dropping replicas must check this); lost with its worker: erred.
+        self.actor = False
 
     def __repr__(self) -> str:
         return f"<TaskState {self.key!r} {self.state}>"
@@ -112,6 +117,7 @@ class TaskState:
 
 class WorkerState:
     __slots__ = (
+        "actors",
         "address",
         "has_what",
         "host",
@@ -137,6 +143,8 @@ class WorkerState:
         self.info = event.info
         self.processing: set[TaskState] = set()
         self.has_what: set[TaskState] = set()
+        # The actor tasks processing here or in memory here (Dask's ``WorkerState.actors``).
+        self.actors: set[TaskState] = set()
 
     def __repr__(self) -> str:
         return f"<WorkerState {self.address} {self.status}>"

@@ -23,6 +23,7 @@ from dsched.state.edges import (
     NEXT,
     NO_WORKER,
     PROCESSING,
+    READY,
     RUNNABLE,
     WAITING,
 )
@@ -118,6 +119,23 @@ class Validation(Engine):
         for cs in ts.who_wants:
             if ts not in cs.wants or self.clients.get(cs.id) is not cs:
                 raise InvariantError(f"wants are mirrored on known clients: {ts!r} by {cs!r}")
+        if ts.actor or ts in self.actors_pending:
+            self._validate_actor(ts)
+
+    def _validate_actor(self, ts: TaskState) -> None:
+        """Dask's validate_task_state for actors, and dsched's ``actors_pending``."""
+        if not ts.actor:
+            raise InvariantError(f"actors_pending holds actors: {ts!r}")
+        if ts.state == NO_WORKER or ts in self.no_worker:
+            raise InvariantError(f"an actor is never no-worker: {ts!r}")
+        if (ts in self.actors_pending) != (ts.state == READY):
+            raise InvariantError(f"a ready actor waits for a running worker: {ts!r}")
+        if ts.state == MEMORY and sum(ts in ws.actors for ws in ts.who_has) != 1:
+            raise InvariantError(f"an actor in memory lives on one of its holders: {ts!r}")
+        if ts.state == PROCESSING and (
+            ts.processing_on is None or ts not in ts.processing_on.actors
+        ):
+            raise InvariantError(f"a processing actor is among its worker's actors: {ts!r}")
 
     def _validate_workers(self) -> None:
         for address, ws in self.workers.items():
@@ -131,6 +149,13 @@ class Validation(Engine):
             for ts in ws.has_what:
                 if ws not in ts.who_has or self.tasks.get(ts.key) is not ts:
                     raise InvariantError(f"a worker holds known tasks: {ws!r} has {ts!r}")
+            for ts in ws.actors:
+                here = ts.processing_on is ws if ts.state == PROCESSING else ws in ts.who_has
+                if not ts.actor or ts.state not in (MEMORY, PROCESSING) or not here:
+                    raise InvariantError(
+                        f"a worker's actors are actors processing or in memory there: "
+                        f"{ws!r} has {ts!r}"
+                    )
         if len(self._workers_by_id) != len(self.workers):
             raise InvariantError(
                 f"worker index: {len(self._workers_by_id)} ids for {len(self.workers)} workers"

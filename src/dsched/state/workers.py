@@ -41,6 +41,8 @@ class WorkerEvents(Engine):
         out.policy.append(
             policy.WorkerAdded(ws.id, ws.nthreads, tuple(ws.resources.items()), running)
         )
+        if running and self.actors_pending:
+            self._place_pending_actors(out)
         if running or self.unplaceable:
             # Only a new worker can make an unplaceable task placeable (a paused one too: the
             # policy then parks the task as NoWorker, waiting for that worker to run).
@@ -72,7 +74,8 @@ class WorkerEvents(Engine):
                 recs[ts] = WAITING
         for ts in ws.has_what:
             ts.who_has.discard(ws)
-            if not ts.who_has and ts.state == MEMORY:
+            # An actor lives on one worker (others may hold only proxies to it): lost with it.
+            if ts.state == MEMORY and (not ts.who_has or ts in ws.actors):
                 self._lose_data(ts, recs, out)
         ws.has_what.clear()
         for other in self.workers.values():
@@ -96,6 +99,8 @@ class WorkerEvents(Engine):
         if running != was_running:
             out.policy.append(policy.WorkerStatus(ws.id, running))
         if running:
+            if self.actors_pending:
+                self._place_pending_actors(out)
             recs: Recommendations = {}
             self._offer_no_worker_tasks(recs, placeable=True, unplaceable=False)
             self._run(recs, out)
@@ -132,9 +137,12 @@ class WorkerEvents(Engine):
         self._move(ts, MEMORY, out)
         ts.nbytes = event.nbytes
         ts.type = event.type
-        if seceded:
-            # Its TaskDone went out when it seceded, without a result size.
+        if seceded or ts.actor:
+            # Its TaskDone went out when it seceded, without a result size (an actor's never
+            # does: the policy does not place actors).
             self._replica_arrived(ts, ws, out)
+            if ts.actor:
+                ws.actors.add(ts)  # the actor lives here now
         else:
             ts.who_has.add(ws)  # (``_add_replica`` inlined, as the calls below: hot path)
             ws.has_what.add(ts)
@@ -184,7 +192,10 @@ class WorkerEvents(Engine):
         ts.who_has.discard(ws)
         if self._replica_removed_events:
             out.policy.append(policy.ReplicaRemoved(ts.id, ws.id))
-        if ts.state == MEMORY and not ts.who_has:
+        home = ts.actor and ts in ws.actors  # the actor's own worker dropped it: lost
+        if home:
+            ws.actors.discard(ts)
+        if ts.state == MEMORY and (home or not ts.who_has):
             recs: Recommendations = {}
             self._lose_data(ts, recs, out)
             self._run(recs, out)

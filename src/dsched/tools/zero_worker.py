@@ -34,10 +34,17 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from dsched.comm import Comm, CommClosedError, connect, listen
 from dsched.comm.tcp import Listener
+from dsched.state.messages import (
+    AcquireReplicas,
+    ComputeTask,
+    FreeKeys,
+    RemoveReplicas,
+    StealRequest,
+)
 from dsched.wire import ProtocolError, Serialized
 
 __all__ = ["ZeroWorker", "add_parser", "placeholder_payload", "run_zero_workers"]
@@ -120,7 +127,9 @@ class ZeroWorker:
         self._closed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._thread = threading.get_ident()
-        self.handlers: dict[str, Callable[[dict[str, Any]], None]] = {
+        # Incoming stream messages by op, each handler typed with its op's record
+        # (dsched.state.messages; the dispatch trusts the op, as a real worker does).
+        self.handlers: dict[str, Callable[[Any], None]] = {
             "compute-task": self._compute_task,
             "free-keys": self._free_keys,
             "remove-replicas": self._free_keys,
@@ -260,7 +269,7 @@ class ZeroWorker:
             logger.info("%s: closing (%s)", self.name, reason)
             self._spawn(self.close(reason))
 
-    def _compute_task(self, msg: dict[str, Any]) -> None:
+    def _compute_task(self, msg: ComputeTask) -> None:
         key = msg["key"]
         self.data.add(key)
         self.tasks_completed += 1
@@ -281,7 +290,7 @@ class ZeroWorker:
             }
         )
 
-    def _free_keys(self, msg: dict[str, Any]) -> None:
+    def _free_keys(self, msg: FreeKeys | RemoveReplicas) -> None:
         stimulus_id = msg.get("stimulus_id", f"free-keys-{time.time()}")
         data = self.data
         for key in msg.get("keys", ()):
@@ -289,7 +298,7 @@ class ZeroWorker:
                 data.discard(key)
                 self._send({"op": "release-worker-data", "key": key, "stimulus_id": stimulus_id})
 
-    def _acquire_replicas(self, msg: dict[str, Any]) -> None:
+    def _acquire_replicas(self, msg: AcquireReplicas) -> None:
         keys = [key for key in msg.get("who_has", {}) if key not in self.data]
         self.data.update(keys)
         if keys:
@@ -301,7 +310,7 @@ class ZeroWorker:
                 }
             )
 
-    def _steal_request(self, msg: dict[str, Any]) -> None:
+    def _steal_request(self, msg: StealRequest) -> None:
         # Every task this worker was given has completed already: it is in memory, or was
         # forgotten after free-keys (a real worker then reports None too).
         key = msg["key"]
@@ -384,8 +393,8 @@ class ZeroWorker:
             keys = list(request.get("data") or {})
             self.data.update(keys)
             return {"nbytes": dict.fromkeys(keys, self.nbytes), "status": "OK"}
-        if op == "free_keys":
-            self._free_keys(request)
+        if op == "free_keys":  # the RPC carries free-keys' fields
+            self._free_keys(cast(FreeKeys, request))
             return "OK"
         if op == "keys":
             return list(self.data)

@@ -209,10 +209,10 @@ class TraceRecorder:
                     if wid < 0:
                         wid = self._wid(address)
                     write(f"S\t{t}\t{self._kid(msg['key'])}\t{wid}\t{msg['run_id']}\n")
-        for msgs in out.to_clients.values():
-            for msg in msgs:
-                if msg["op"] in ("key-in-memory", "task-erred"):
-                    write(f"C\t{t}\t{self._kid(msg['key'])}\n")
+        for client_msgs in out.to_clients.values():
+            for client_msg in client_msgs:
+                if client_msg["op"] == "key-in-memory" or client_msg["op"] == "task-erred":
+                    write(f"C\t{t}\t{self._kid(client_msg['key'])}\n")
         if time.monotonic() - self._last_flush > _FLUSH_EVERY_S:
             self.flush()
 
