@@ -83,6 +83,9 @@ class Reactor:
         self.pool = pool
         self.workers: dict[str, WorkerRecord] = {}
         self.clients: dict[str, Comm] = {}
+        # Comms written to like a client's stream that are not clients: the worker status
+        # feeds of cluster managers (subscribe_worker_status).
+        self.feeds: dict[str, Comm] = {}
         self.trace: Tracer | None = None
         self._conditions: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._flush_scheduled = False
@@ -164,7 +167,7 @@ class Reactor:
             if record is not None:
                 self.write(record.comm, msgs)
         for client, client_msgs in out.to_clients.items():
-            comm = self.clients.get(client)
+            comm = self.clients.get(client) or self.feeds.get(client)
             if comm is not None:
                 self.write(comm, client_msgs)
         if self.trace is not None:

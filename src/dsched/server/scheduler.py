@@ -198,6 +198,7 @@ class Scheduler:
             "versions": call(self.versions),
             "terminate": call(self.terminate),
             "dsched_info": call(self.dsched_info),
+            "subscribe_worker_status": self._subscribe_worker_status,
         }
         providers: list[OpProvider] = [self.data, self.forwarding, self.plugins, self.remote_code]
         served = [
@@ -379,6 +380,26 @@ class Scheduler:
             comm.write({"status": "OK", "nanny-plugins": nanny_plugins})
             with contextlib.suppress(asyncio.TimeoutError, CommClosedError):
                 await asyncio.wait_for(comm.read(), NANNY_STATUS_TIMEOUT)
+        return TAKEN_OVER
+
+    async def _subscribe_worker_status(self, comm: Comm, request: dict[str, Any]) -> Any:
+        """Dask's ``subscribe_worker_status``: the reply is the identity (workers without
+        ``metrics`` and ``last_seen``); from then on the comm carries the worker status feed
+        (``ext/worker_status.py``) until it closes."""
+        identity = self.identity()
+        for worker in identity["workers"].values():
+            worker.pop("metrics", None)
+            worker.pop("last_seen", None)
+        comm.write(identity)
+        feed = f"worker-status-{uuid.uuid4()}"
+        reactor = self.reactor
+        reactor.feeds[feed] = comm
+        reactor.stream(feed, "subscribe-worker-status", {})
+        try:
+            await comm.wait_lost()
+        finally:
+            del reactor.feeds[feed]
+            reactor.handle(ev.ClientDisconnected(feed))  # the feed forgets its subscriber
         return TAKEN_OVER
 
     async def _close_comm(self, comm: Comm, request: dict[str, Any]) -> Any:
