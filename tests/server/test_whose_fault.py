@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -103,3 +104,35 @@ def test_our_own_bug_is_logged_with_the_story_and_closes_only_that_stream(
     assert "not the peer's fault" in record.getMessage()
     assert "'trigger-bug'" in record.getMessage()  # the story of the key involved
     assert "bad stream message" not in caplog.text  # never blamed on the peer
+
+
+def test_a_message_that_cannot_be_encoded_fails_its_task_instead_of_vanishing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A run_spec nothing can encode (a lock: not picklable): the compute-task cannot be
+    sent, so the task errs, the client is told, and the rest of the batch still goes."""
+
+    async def test(scheduler: Scheduler) -> None:
+        client = await client_stream(scheduler, "c")
+        worker = await connect(scheduler.address)
+        worker.write(
+            {"op": "register-worker", "reply": False, "address": "tcp://127.0.0.1:1",
+             "nthreads": 1, "name": "raw-worker", "memory_limit": 0}
+        )
+        assert (await asyncio.wait_for(worker.read(), READ_TIMEOUT))["status"] == "OK"
+        tasks = [ev.NewTask("bad", (), threading.Lock(), {}), ev.NewTask("good", (), b"x", {})]
+        scheduler.reactor.handle(ev.GraphReceived("c", tasks, ["bad", "good"], {}))
+        erred = await read_until(client, "task-erred")
+        assert erred["key"] == "bad"
+        computed: list[Any] = []
+        async with asyncio.timeout(READ_TIMEOUT):
+            while not computed:
+                computed = [m for m in await worker.read() if m.get("op") == "compute-task"]
+        assert [m["key"] for m in computed] == ["good"]
+        assert scheduler.state.tasks["bad"].state == "erred"
+        client.abort()
+        worker.abort()
+
+    with caplog.at_level(logging.WARNING, logger="dsched.scheduler"):
+        run(test)
+    assert "could not encode a 'compute-task' message" in caplog.text

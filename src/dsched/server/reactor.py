@@ -32,9 +32,10 @@ from dsched.core import Core, Flush, InternalError
 from dsched.ext.protocol import Fail, Rpc, SetTimer
 from dsched.graph import GraphIntake
 from dsched.policy.protocol import Decision, PolicyEvent
+from dsched.server.errors import pickled_exception
 from dsched.state import events as ev
 from dsched.state.outbox import Outbox
-from dsched.wire import ProtocolError
+from dsched.wire import LocalProtocolError, ProtocolError
 
 logger = logging.getLogger("dsched.scheduler")
 
@@ -165,11 +166,11 @@ class Reactor:
         for address, msgs in out.to_workers.items():
             record = self.workers.get(address)
             if record is not None:
-                self.write(record.comm, msgs)
+                self.write_batch(record.comm, msgs, worker=address)
         for client, client_msgs in out.to_clients.items():
             comm = self.clients.get(client) or self.feeds.get(client)
             if comm is not None:
-                self.write(comm, client_msgs)
+                self.write_batch(comm, client_msgs)
         if self.trace is not None:
             self.trace.outbox(out, time.time())
         for address in out.close_workers:
@@ -225,6 +226,60 @@ class Reactor:
             pass  # the reader side of this comm notices and cleans up
         except ProtocolError:
             logger.exception("could not encode a message for %s", comm.peer_address)
+
+    def write_batch(self, comm: Comm, msgs: list[Any], worker: str | None = None) -> None:
+        """Write one peer's batch of the tick. If something in it cannot be encoded (nothing
+        was written then), the batch goes message by message, and each message that still
+        cannot be encoded fails its task instead of vanishing: a compute-task errs the task
+        (as if the worker had reported the error), a client message about a key becomes a
+        task-erred for that key. Either way the client hears of it and nothing hangs."""
+        try:
+            comm.write(msgs)
+            return
+        except (CommClosedError, OSError):
+            return  # the reader side of this comm notices and cleans up
+        except LocalProtocolError:
+            pass
+        for msg in msgs:
+            try:
+                comm.write([msg])
+            except (CommClosedError, OSError):
+                return
+            except LocalProtocolError as exc:
+                self._unencodable(comm, msg, exc, worker)
+
+    def _unencodable(
+        self, comm: Comm, msg: Any, exc: LocalProtocolError, worker: str | None
+    ) -> None:
+        op = msg.get("op") if isinstance(msg, dict) else None
+        key = msg.get("key") if isinstance(msg, dict) else None
+        logger.error(
+            "could not encode a %r message for %s (key %r): %s; failing the task",
+            op,
+            comm.peer_address,
+            key,
+            exc,
+        )
+        error = RuntimeError(f"dsched could not send {op!r} for {key!r}: {exc}")
+        if worker is not None and op == "compute-task":
+            event = ev.TaskErred(
+                worker,
+                key,
+                msg.get("run_id"),
+                pickled_exception(error),
+                None,
+                repr(error),
+                stimulus_id="unencodable-compute-task",
+            )
+            self.handle(event)
+        elif worker is None and key is not None and op != "task-erred":
+            failed = {
+                "op": "task-erred",
+                "key": key,
+                "exception": pickled_exception(error),
+                "traceback": None,
+            }
+            self.write(comm, [failed])
 
     def log_internal_error(self, exc: BaseException, keys: Iterable[Any] = ()) -> None:
         """Our own bug: logged loudly, with the story of the keys involved."""
