@@ -56,10 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     sched.add_argument("--tls-cert", help="the scheduler's TLS certificate, PEM")
     sched.add_argument("--tls-key", help="the scheduler's TLS private key, PEM")
     sched.add_argument("--scheduler-file", help="write the address here as dask does (JSON)")
-    sched.add_argument("--dashboard-address", help="accepted for compatibility: no dashboard yet")
+    sched.add_argument(
+        "--dashboard-address",
+        default=":8787",
+        help="address of the HTTP server (health, metrics, JSON; default :8787)",
+    )
     sched.add_argument("--dashboard", dest="dashboard", action="store_true", default=True)
     sched.add_argument("--no-dashboard", dest="dashboard", action="store_false")
-    sched.add_argument("--dashboard-prefix", help=argparse.SUPPRESS)
+    sched.add_argument("--dashboard-prefix", default="", help="prefix of every HTTP route")
     sched.add_argument("--show", action="store_true", help=argparse.SUPPRESS)
     sched.add_argument("--jupyter", action="store_true", help=argparse.SUPPRESS)
     sched.add_argument("--idle-timeout", help="shut down after this long without clients/work")
@@ -173,8 +177,6 @@ def run_scheduler(args: argparse.Namespace) -> None:
     args.protocol, args.port = protocol, port
     if args.preload:
         raise SystemExit("dsched: --preload is not supported (dsched has no Scheduler plugins)")
-    if args.dashboard_address or not args.dashboard:
-        logger.info("dsched has no dashboard yet; dashboard options are accepted and ignored")
     policy_name = args.policy or os.environ.get("DSCHED_POLICY", DEFAULT_POLICY)
     policy_process = None
     if args.policy_process:
@@ -205,6 +207,11 @@ async def _serve(
     *,
     tls: TLSSettings | None = None,
 ) -> None:
+    from dsched.http import HttpServer
+
+    http = HttpServer(
+        args.dashboard_address, prefix=args.dashboard_prefix or "", dashboard=args.dashboard
+    )
     scheduler = scheduler_class(
         policy,
         host=host,
@@ -214,6 +221,7 @@ async def _serve(
         max_message_bytes=_max_message_bytes(args),
         protocol=args.protocol,
         tls=tls,
+        http=http,
     )
     if getattr(args, "trace", None):
         from dsched.tools.trace.record import TraceRecorder

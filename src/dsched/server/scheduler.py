@@ -29,7 +29,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import dask
 from dask.utils import parse_timedelta
@@ -94,6 +94,14 @@ def _rss_bytes() -> int:
         return 0
 
 
+class Service(Protocol):
+    """A server started and stopped with the scheduler on its loop, such as the HTTP
+    server (``dsched.http.HttpServer``, a layer above this one, handed in by the caller)."""
+
+    async def start(self, scheduler: Scheduler) -> int: ...  # the port it listens on
+    async def stop(self) -> None: ...
+
+
 class Scheduler:
     def __init__(
         self,
@@ -108,6 +116,7 @@ class Scheduler:
         max_message_bytes: int | None = None,
         protocol: str | None = None,
         tls: TLSSettings | None = None,
+        http: Service | None = None,
     ) -> None:
         # TLS as distributed does it: from distributed.comm.tls.* and require-encryption
         # unless given; protocol None listens on tls:// when encryption is required.
@@ -172,6 +181,9 @@ class Scheduler:
         self.streams.worker_plugins = self.plugins.worker_plugins
         self.remote_code = RemoteCode(self.plugins, self._stopped)
         self.rpc_ops = self._rpc_ops()
+        # identity()["services"]: name -> port (Dask's "dashboard": the HTTP server).
+        self.http = http
+        self.services: dict[str, int] = {}
 
     @property
     def trace(self) -> Tracer | None:
@@ -248,6 +260,8 @@ class Scheduler:
             ssl_context=self.tls.listen_context if self.protocol == "tls" else None,
             require_encryption=self.tls.require_encryption,
         )
+        if self.http is not None:
+            self.services["dashboard"] = await self.http.start(self)
         self.reactor.spawn(self._watchdog())
         logger.info("dsched %s scheduler at %s", dsched.__version__, self.address)
 
@@ -276,6 +290,8 @@ class Scheduler:
         if self._listener is not None:
             await self._listener.stop()
         await self.pool.close()
+        if self.http is not None:
+            await self.http.stop()
         reactor.cancel_timers()
         self.streams.close()
         self._stopped.set()
@@ -285,7 +301,7 @@ class Scheduler:
             "type": "Scheduler",
             "id": self.id,
             "address": self.address,
-            "services": {},
+            "services": dict(self.services),
             "started": self.started,
             "workers": {},
         }
@@ -427,7 +443,7 @@ class Scheduler:
             "type": "Scheduler",
             "id": self.id,
             "address": self.address,
-            "services": {},
+            "services": dict(self.services),
             "started": self.started,
             "n_workers": len(state_workers),
             "total_threads": sum(ws.nthreads for ws in state_workers.values()),
