@@ -15,6 +15,8 @@ from distributed import Client
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 DSCHED = [sys.executable, "-m", "dsched"]
+# The HTTP server starts even without the dashboard: keep it on 127.0.0.1, on a free port.
+LOCAL_HTTP = ["--dashboard-address", "127.0.0.1:0"]
 
 
 def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
@@ -30,7 +32,7 @@ def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
 def start(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen[str], Path]:
     log = tmp_path / "scheduler.log"
     proc = subprocess.Popen(
-        [*DSCHED, "scheduler", "--host", "127.0.0.1", *flags],
+        [*DSCHED, "scheduler", "--host", "127.0.0.1", *LOCAL_HTTP, *flags],
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         text=True,
@@ -123,7 +125,7 @@ def test_idle_timeout_stops_an_unused_scheduler(tmp_path):
 )
 def test_unsupported_options_fail_with_a_clear_message(tmp_path, flags, message):
     out = subprocess.run(
-        [*DSCHED, "scheduler", "--host", "127.0.0.1", "--port", "0", *flags],
+        [*DSCHED, "scheduler", "--host", "127.0.0.1", *LOCAL_HTTP, "--port", "0", *flags],
         check=False,
         capture_output=True,
         text=True,
@@ -140,7 +142,7 @@ def test_port_in_use_fails_instead_of_hanging(tmp_path):
         wait_for(scheduler_file.exists, what="the scheduler file")
         port = json.loads(scheduler_file.read_text())["address"].rsplit(":", 1)[1]
         out = subprocess.run(
-            [*DSCHED, "scheduler", "--host", "127.0.0.1", "--port", port],
+            [*DSCHED, "scheduler", "--host", "127.0.0.1", *LOCAL_HTTP, "--port", port],
             check=False,
             capture_output=True,
             text=True,

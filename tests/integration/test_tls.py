@@ -212,9 +212,11 @@ def _stop(processes: list[ManagedProcess]) -> None:
 
 
 def _program(kind: str) -> list[str]:
+    # The HTTP server starts even without the dashboard: keep it on 127.0.0.1, a free port.
+    local_http = ["--dashboard-address", "127.0.0.1:0"]
     if kind == "dsched":
-        return [sys.executable, "-m", "dsched", "scheduler"]
-    return [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+        return [sys.executable, "-m", "dsched", "scheduler", *local_http]
+    return [sys.executable, "-m", "distributed.cli.dask_scheduler", *local_http]
 
 
 @dataclass

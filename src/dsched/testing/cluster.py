@@ -63,6 +63,10 @@ def scheduler_command(kind: str, scheduler_file: Path, extra_args: Sequence[str]
         "--port",
         "0",
         "--no-dashboard",
+        # The HTTP server starts even without the dashboard (as Dask's does): keep it on
+        # 127.0.0.1, on a free port.
+        "--dashboard-address",
+        f"{LOCALHOST}:0",
         "--scheduler-file",
         str(scheduler_file),
         *extra_args,
