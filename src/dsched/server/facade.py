@@ -40,7 +40,9 @@ Supported (read-only unless said otherwise):
 Not supported: anything that writes the task state (``transitions``, ``set_restrictions``,
 ``stimulus_*``, ``send_all``, ``run_spec`` objects: dsched keeps only the pickled run_spec,
 exposed as ``run_spec`` as it is stored), ``task_groups`` / ``task_prefixes``, ``extensions``,
-the dashboard, ``monitor`` and every other attribute; reading one raises AttributeError.
+the dashboard and every other attribute; reading one raises AttributeError. ``monitor``
+has only ``count``, always 0: dsched keeps no system monitor samples (``performance_report``
+reads it).
 """
 
 from __future__ import annotations
@@ -329,6 +331,13 @@ class SchedulerFacade:
     @property
     def address(self) -> str:
         return str(self._scheduler.address)
+
+    @property
+    def monitor(self) -> Any:
+        """Dask's ``SystemMonitor`` as far as ``performance_report`` reads it: no samples."""
+        from types import SimpleNamespace
+
+        return SimpleNamespace(count=0)
 
     @property
     def loop(self) -> Any:

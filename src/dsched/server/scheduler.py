@@ -40,6 +40,7 @@ from dsched.comm.tcp import Comm, Listener
 from dsched.core import Core, inbound
 from dsched.ext.lifecycle import Lifecycle, worker_identity
 from dsched.ext.registry import CONFIG_DEFAULTS, default_extensions
+from dsched.ext.task_stream import TaskStream
 from dsched.policy.protocol import Policy, wanted_events
 from dsched.server.dataproxy import DataProxy
 from dsched.server.errors import error_reply, killed_worker
@@ -49,6 +50,7 @@ from dsched.server.plugins import Plugins
 from dsched.server.policy_process import dask_policy_config
 from dsched.server.reactor import Reactor, Tracer
 from dsched.server.remote_code import RemoteCode
+from dsched.server.report import PerformanceReport
 from dsched.server.streams import StreamOps, Streams
 from dsched.state import InvariantError
 from dsched.state import events as ev
@@ -166,6 +168,9 @@ class Scheduler:
             lambda: heartbeat_interval(len(self.reactor.workers)),
         )
         self.data = DataProxy(self.reactor)
+        task_stream = self.core.extensions["task-stream"]
+        assert isinstance(task_stream, TaskStream)
+        self.report = PerformanceReport(task_stream)
         self.forwarding = Forwarding(
             self.reactor,
             self.identity,
@@ -212,7 +217,13 @@ class Scheduler:
             "dsched_info": call(self.dsched_info),
             "subscribe_worker_status": self._subscribe_worker_status,
         }
-        providers: list[OpProvider] = [self.data, self.forwarding, self.plugins, self.remote_code]
+        providers: list[OpProvider] = [
+            self.data,
+            self.forwarding,
+            self.plugins,
+            self.remote_code,
+            self.report,
+        ]
         served = [
             *(provider.rpc_ops().items() for provider in providers),
             ((op, self._extension_op(op)) for op in self.core.rpc_ops),
