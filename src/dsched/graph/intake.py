@@ -173,6 +173,12 @@ def _materialize(
     if hlg_operands is not None and any(map(_is_cull_only_delayed, hlg_operands)):
         return _materialize_hlg_operands(hlg_operands)
 
+    if isinstance(expression, dict) and not expression:
+        # ``recreate_task_locally`` holds a task's inputs with an empty *dict* as the graph
+        # (ReplayTaskClient._get_dependencies). Dask's scheduler fails on it (a dict has no
+        # __dask_graph__), erring those keys: usually after the client's gather got them,
+        # not always. An empty graph that wants existing keys is what the client means.
+        return {}, {}
     # The reference path, Scheduler.update_graph + _materialize_graph.
     dsk = expression.__dask_graph__()
     annotations_by_type = dict(expression.__dask_annotations__())
