@@ -46,10 +46,6 @@ logger = logging.getLogger("dsched.scheduler")
 StreamHandler = Callable[[str, dict[str, Any]], Awaitable[None] | None]
 
 
-class StreamClosed(Exception):
-    """Raised by a handler to end the stream (``close-stream``)."""
-
-
 class StreamOps:
     """The stream half of the op registry: op -> handler(peer, msg), per kind of peer."""
 
