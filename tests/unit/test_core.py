@@ -156,3 +156,14 @@ def test_a_state_and_policy_that_never_settle_raise_a_clear_internal_error() -> 
     h.core.handle(ev.WorkerConnected(W0, 1), h.now)
     with pytest.raises(FlushLoopError, match="did not settle"):
         h.core.flush(h.now)
+
+
+def test_an_extension_idle_until_used_observes_nothing_until_then() -> None:
+    """The task stream subscribes to task results with an Observe effect on first use."""
+    from dsched.ext.task_stream import TaskStream
+
+    h = Harness(extensions=[TaskStream()])
+    assert ev.TaskFinished not in h.core._observers
+    h.core.request("get_task_stream_index", "peer", {}, h.now)
+    h.tick()
+    assert [type(e).__name__ for e in h.core._observers[ev.TaskFinished]] == ["TaskStream"]

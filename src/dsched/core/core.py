@@ -41,6 +41,7 @@ from dsched.ext.protocol import (
     Extension,
     Fail,
     Log,
+    Observe,
     Reply,
     Request,
     Rpc,
@@ -252,6 +253,8 @@ class Core:
                 flush.timers.append((extension.name, effect))
             elif isinstance(effect, Log):
                 out.log(effect.level, effect.text)
+            elif isinstance(effect, Observe):
+                self.set_observations(extension, effect.observes, effect.transitions)
             else:
                 raise InternalError(f"extension {extension.name} returned {effect!r:.200}")
 

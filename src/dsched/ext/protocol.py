@@ -33,6 +33,9 @@ Effects (the whole output vocabulary):
 * ``Stimulus(event)``: a state event to apply (a pseudo-client wanting or releasing keys,
   retiring or removing a worker): how an extension changes task state.
 * ``Log(level, text)``.
+* ``Observe(observes, transitions)``: from now on observe these event types (and
+  transitions, or not) instead of what the class declared: an extension that is idle until
+  first used (the task stream) costs nothing until then.
 """
 
 from __future__ import annotations
@@ -118,7 +121,15 @@ class Log:
     text: str
 
 
-Effect = Reply | Fail | ToClient | ToWorker | Rpc | SetTimer | CancelTimer | Stimulus | Log
+@dataclass(frozen=True, slots=True)
+class Observe:
+    observes: frozenset[type]
+    transitions: bool = False
+
+
+Effect = (
+    Reply | Fail | ToClient | ToWorker | Rpc | SetTimer | CancelTimer | Stimulus | Log | Observe
+)
 Effects = Sequence[Effect]
 NO_EFFECTS: Effects = ()
 

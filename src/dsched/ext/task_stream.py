@@ -8,8 +8,9 @@ Dask adds its ``TaskStreamPlugin`` on the first ``get_task_stream`` or
 per task that a worker reported finished or erred, for the transitions
 ``processing -> memory`` and ``processing -> erred`` only (a retried failure, a stale or a
 duplicate result makes none). So does this extension: it is *inactive* until the first of
-those calls, and until then observing ``TaskFinished`` / ``TaskErred`` costs one method
-call that returns at once.
+those calls, and until then it observes nothing: the first call subscribes it to
+``TaskFinished`` / ``TaskErred`` (the ``Observe`` effect), so an unused task stream costs
+nothing per task.
 
 A record is what Dask's plugin gets as the transition's keyword arguments, plus ``key``:
 the worker's message (``nbytes``, ``type``, ``typename``, ``metadata``, ``thread``,
@@ -41,7 +42,7 @@ from typing import Any, ClassVar
 
 from dask.utils import parse_timedelta
 
-from dsched.ext.protocol import NO_EFFECTS, Effects, Extension, Reply, Request
+from dsched.ext.protocol import NO_EFFECTS, Effect, Effects, Extension, Observe, Reply, Request
 from dsched.state import events as ev
 from dsched.state.edges import ERRED, MEMORY, PROCESSING
 
@@ -55,7 +56,8 @@ class TaskStream(Extension):
         "get_task_stream": "get_task_stream",
         "get_task_stream_index": "get_task_stream_index",
     }
-    observes = frozenset({ev.TaskFinished, ev.TaskErred})
+    # Nothing until first used (see ``_activate``).
+    observes = frozenset()
 
     def __init__(self, maxlen: int = TASK_STREAM_LENGTH) -> None:
         self.buffer: deque[dict[str, Any]] = deque(maxlen=maxlen)
@@ -114,12 +116,17 @@ class TaskStream(Extension):
         return False
 
     # ------------------------------------------------------------------ the ops
-    def get_task_stream_index(self, request: Request, now: float) -> Effects:
+    def _activate(self) -> list[Effect]:
+        if self.active:
+            return []
         self.active = True
-        return [Reply(request.id, self.index)]
+        return [Observe(frozenset({ev.TaskFinished, ev.TaskErred}))]
+
+    def get_task_stream_index(self, request: Request, now: float) -> Effects:
+        return [*self._activate(), Reply(request.id, self.index)]
 
     def get_task_stream(self, request: Request, now: float) -> Effects:
-        self.active = True
+        activation = self._activate()
         args = request.args
         records = self.collect(
             now,
@@ -128,7 +135,7 @@ class TaskStream(Extension):
             count=args.get("count"),
             start_index=args.get("start_index"),
         )
-        return [Reply(request.id, records)]
+        return [*activation, Reply(request.id, records)]
 
     def collect(
         self,

@@ -41,7 +41,6 @@ class PerformanceReport:
         self, start: float, last_count: int | None = None, code: str = "", mode: Any = None
     ) -> str:
         now = time.time()
-        self.task_stream.active = True
         records = self.task_stream.collect(now, start=start)
         return render(records, float(start), now, str(code))
 
