@@ -59,6 +59,7 @@ step.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -137,30 +138,11 @@ __all__ = [
 
 
 class SchedulerState(ClientEvents, WorkerEvents, PlacementEvents, ClusterEvents, Validation):
-    def __init__(
-        self,
-        *,
-        killed_worker: KilledWorkerFactory,
-        allowed_failures: int = 3,
-        wants: frozenset[type] = frozenset(),
-        bandwidth: float = 100e6,
-        transition_log_length: int = TRANSITION_LOG_LENGTH,
-        observe_transitions: bool = False,
-    ) -> None:
-        """``wants``: the optional policy events to send (``policy.protocol.wanted_events``);
-        ``bandwidth``: the configured ``distributed.scheduler.bandwidth``, the estimate until
-        workers report theirs; ``transition_log_length``: how many moves ``story`` keeps
-        (``distributed.admin.low-level-log-length``); ``observe_transitions``: also report
-        every move in ``Outbox.transitions`` (may be switched on later)."""
-        super().__init__(
-            killed_worker=killed_worker,
-            allowed_failures=allowed_failures,
-            wants=wants,
-            bandwidth=bandwidth,
-            transition_log_length=transition_log_length,
-            observe_transitions=observe_transitions,
-        )
-        self._handlers: dict[type, Callable[[Any, Outbox], None]] = {
+    # The constructor is Engine's (its parameters are documented there); this class adds the
+    # event dispatch, built once per instance from the handler mixins' bound methods.
+    @functools.cached_property
+    def _handlers(self) -> dict[type, Callable[[Any, Outbox], None]]:
+        return {
             ev.ClientConnected: self._client_connected,
             ev.ClientDisconnected: self._client_disconnected,
             ev.GraphReceived: self._graph_received,
