@@ -309,6 +309,3 @@ class Lifecycle(Extension):
             *self._end_retire(retire),
         ]
 
-    def on_request_dropped(self, request: int, now: float) -> Effects:
-        return []
-
