@@ -114,6 +114,19 @@ def client(cluster: ProcessCluster, cluster_address: str) -> Iterator[Client]:
     assert_cluster_is_clean(cluster, cluster_address)
 
 
+@pytest.fixture
+def default_client(cluster: ProcessCluster, cluster_address: str) -> Iterator[Client]:
+    """A fresh Client with Dask's default configuration (P2P shuffles and rechunks, as a
+    user gets them); afterwards, asserts that no task or data is left anywhere."""
+    with Client(cluster_address, timeout=CONNECT_TIMEOUT_S) as test_client:
+        assert len(test_client.nthreads()) == N_WORKERS, (
+            "a worker was lost in an earlier test\n" + cluster.describe_processes()
+        )
+        assert dask.utils.get_default_shuffle_method() == "p2p"
+        yield test_client
+    assert_cluster_is_clean(cluster, cluster_address)
+
+
 def assert_cluster_is_clean(cluster: ProcessCluster, address: str) -> None:
     """Once the test's client is gone, the scheduler and workers must drop everything."""
     with Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False) as observer:

@@ -37,6 +37,7 @@ from distributed.client import _MapExpr
 from distributed.protocol.serialize import Pickled as DistributedPickled
 from distributed.protocol.serialize import Serialized, ToPickle, serialize, to_serialize
 from distributed.scheduler import Scheduler, _cull, _materialize_graph
+from distributed.shuffle._core import ShuffleSpec, barrier_key
 from toolz import merge
 
 from dsched.graph import GraphIntake, GraphIntakeError, TaskSpec, intake_update_graph
@@ -574,21 +575,26 @@ def _make_unpicklable() -> Any:
 # --- 6. p2p ------------------------------------------------------------------------------
 
 
-def test_p2p_shuffle_is_rejected_with_instructions() -> None:
+def test_p2p_hash_join_keeps_both_barriers_specs() -> None:
     left, right = dataframe_frames()
-    msg = compute_message(left.merge(right, on="k", shuffle_method="p2p"))
-    with pytest.raises(GraphIntakeError) as info:
-        intake_update_graph(msg)
-    text = str(info.value.exception)
-    assert "p2p" in text
-    assert "dataframe.shuffle.method" in text
-    assert "DASK_DATAFRAME__SHUFFLE__METHOD=tasks" in text
+    intake = intake_update_graph(compute_message(left.merge(right, on="k", shuffle_method="p2p")))
+    assert len(intake.shuffle_specs) == 2
+    for key, spec in intake.shuffle_specs.items():
+        assert isinstance(spec, ShuffleSpec)
+        assert key == barrier_key(spec.id)
+        assert key in intake.tasks  # the barrier itself runs on a worker, pickled as usual
 
 
-def test_p2p_rechunk_is_rejected() -> None:
+def test_p2p_rechunk_keeps_its_barrier_spec() -> None:
     x = da.ones((40, 40), chunks=(40, 1)).rechunk((1, 40), method="p2p")
-    with pytest.raises(GraphIntakeError, match=r"array\.rechunk\.method"):
-        intake_update_graph(compute_message(x.sum()))
+    intake = intake_update_graph(compute_message(x.sum()))
+    assert intake.shuffle_specs
+    assert all(isinstance(spec, ShuffleSpec) for spec in intake.shuffle_specs.values())
+
+
+def test_graphs_without_p2p_keep_no_specs() -> None:
+    intake = intake_update_graph(submit_message(inc, 1))
+    assert intake.shuffle_specs == {}
 
 
 # --- 7. errors -----------------------------------------------------------------------------

@@ -84,6 +84,18 @@ ALLOWED_IN_PURE: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "random": (frozenset({"Random"}), frozenset({"policy", "sim"})),
     # The codec keeps one reusable encoder per thread (graph intake encodes in a thread).
     "threading": (frozenset({"local"}), frozenset({"wire"})),
+    # P2P reuses distributed.shuffle's pure data classes, key helpers and exceptions (the
+    # worker tells the exceptions apart by class); importing them starts nothing.
+    "distributed.shuffle._core": (
+        frozenset(
+            {"SchedulerShuffleState", "ShuffleId", "ShuffleSpec", "barrier_key", "id_from_key"}
+        ),
+        frozenset({"ext"}),
+    ),
+    "distributed.shuffle._exceptions": (
+        frozenset({"P2PConsistencyError", "P2PIllegalStateError"}),
+        frozenset({"ext"}),
+    ),
 }
 
 # Whether imports under `if TYPE_CHECKING:` count. They do: a type-only import of a higher
@@ -299,17 +311,23 @@ def impure_imports(modules: dict[str, Module]) -> list[Problem]:
             top = imp.module.split(".")[0]
             if top not in FORBIDDEN_IN_PURE:
                 continue
-            names, layers = ALLOWED_IN_PURE.get(top, (frozenset(), frozenset()))
+            # An allowance names a module or one of its submodules (the longest that fits).
+            allowance = max(
+                (m for m in ALLOWED_IN_PURE if imp.module == m or imp.module.startswith(m + ".")),
+                key=len,
+                default=top,
+            )
+            names, layers = ALLOWED_IN_PURE.get(allowance, (frozenset(), frozenset()))
             if layer not in layers:
                 why = f"pure layer {layer!r} may not use {FORBIDDEN_IN_PURE[top]}"
                 what = f"imports {imp.module}" + (" (type-only)" if imp.type_only else "")
                 problems.append(Problem(module, imp.line, what, why))
-            elif top not in checked:
-                checked.add(top)
-                why = f"pure layer {layer!r} may use only {', '.join(sorted(names))} of {top}"
+            elif allowance not in checked:
+                checked.add(allowance)
+                why = f"pure layer {layer!r} may use only {', '.join(sorted(names))} of {allowance}"
                 problems += [
                     Problem(module, use.line, f"uses {use.module} {' '.join(use.names)}", why)
-                    for use in disallowed_uses(module.tree, top, names)
+                    for use in disallowed_uses(module.tree, allowance, names)
                 ]
     return problems
 

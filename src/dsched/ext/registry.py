@@ -19,6 +19,7 @@ from dsched.ext.lifecycle import Lifecycle
 from dsched.ext.memory import MemoryManager
 from dsched.ext.metadata import Metadata
 from dsched.ext.multi_lock import MultiLocks
+from dsched.ext.p2p import P2PShuffles
 from dsched.ext.protocol import Extension
 from dsched.ext.publish import Publish
 from dsched.ext.pubsub import PubSub
@@ -75,5 +76,6 @@ def default_extensions(config: Mapping[str, Any] | None = None) -> list[Extensio
         Lifecycle(pubsub, connect_timeout=connect_timeout),
         MemoryManager.from_config(values, pubsub),
         ActorProxy(),
+        P2PShuffles(pubsub),
         *(factory(values) for factory in FACTORIES),
     ]

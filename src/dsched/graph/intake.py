@@ -75,16 +75,6 @@ DESERIALIZATION_ERROR_TEXT = textwrap.dedent(
 """
 )
 
-P2P_UNSUPPORTED_TEXT = (
-    "dsched does not support p2p shuffles or rechunks yet; the task graph contains the "
-    "p2p barrier task {key!r}. The shuffle method is chosen on the client: set "
-    "dask.config.set({{'dataframe.shuffle.method': 'tasks', "
-    "'array.rechunk.method': 'tasks'}}) there (or the environment variables "
-    "DASK_DATAFRAME__SHUFFLE__METHOD=tasks and DASK_ARRAY__RECHUNK__METHOD=tasks), "
-    "or pass shuffle_method='tasks' / rechunk(..., method='tasks') per call."
-)
-
-
 @dataclass(slots=True)
 class TaskSpec:
     key: Key
@@ -104,6 +94,9 @@ class GraphIntake:
     # The client's internal_priority when it sent one (submit/map; it may not cover
     # DataNodes that client.map adds for large kwargs), else dask.order.order(dsk).
     order: dict[Key, int]
+    # The ShuffleSpec of each P2P barrier task (``P2PBarrierTask.spec``), by barrier key:
+    # what the P2P extension creates a shuffle's runs from.
+    shuffle_specs: dict[Key, Any]
 
 
 class GraphIntakeError(Exception):
@@ -123,14 +116,14 @@ def intake_update_graph(msg: Mapping[str, Any]) -> GraphIntake:
         dsk, annotations_by_type = _materialize(expression, requested_keys)
         # The expression holds the un-culled graph; drop it before the costly steps.
         del expression
-        _reject_p2p(dsk)
+        shuffle_specs = _shuffle_specs(dsk)
         order = msg.get("internal_priority") or dask.order.order(dsk)
         tasks = _build_task_specs(dsk, global_annotations, annotations_by_type)
     except GraphIntakeError:
         raise
     except Exception as error:
         raise GraphIntakeError(error) from error
-    return GraphIntake(tasks=tasks, order=dict(order))
+    return GraphIntake(tasks=tasks, order=dict(order), shuffle_specs=shuffle_specs)
 
 
 # --- step 1: deserialize ------------------------------------------------------------
@@ -287,10 +280,8 @@ def _cull(dsk: Mapping[Key, GraphNode], keys: Iterable[Key]) -> dict[Key, GraphN
     return {key: node for key, node in dsk.items() if key in reachable}
 
 
-def _reject_p2p(dsk: Mapping[Key, GraphNode]) -> None:
-    for key, node in dsk.items():
-        if isinstance(node, P2PBarrierTask):
-            raise GraphIntakeError(NotImplementedError(P2P_UNSUPPORTED_TEXT.format(key=key)))
+def _shuffle_specs(dsk: Mapping[Key, GraphNode]) -> dict[Key, Any]:
+    return {key: node.spec for key, node in dsk.items() if isinstance(node, P2PBarrierTask)}
 
 
 # --- step 4: per-task annotations and run_specs ---------------------------------------

@@ -132,7 +132,7 @@ class DaskPolicy(BasePolicy):
         self._queued.pop(task, None)
 
     def is_rootish(self, event: TaskReady) -> bool:
-        if event.allowed is not None or event.resources:
+        if event.allowed is not None or event.resources or not event.queueable:
             return False
         if not event.inputs:
             return True

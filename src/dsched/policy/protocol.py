@@ -156,6 +156,8 @@ class TaskReady:
     resources: tuple[tuple[str, float], ...] = ()
     # dask.utils.key_split of the key (as in TaskAdded).
     prefix: str = ""
+    # False: never hold it in a root-task queue, however root-ish it looks (P2P outputs).
+    queueable: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,8 @@ broadcasts ``plugin-add`` / ``plugin-remove`` (``plugin_add`` / ``plugin_remove`
 reply}``. Registering an existing name with ``idempotent`` does nothing and replies
 ``{}``; unregistering an unknown name raises ValueError. A nanny plugin waits for nannies
 in the middle of registering (as Dask's ``_starting_nannies_cond``), so none misses it.
+Like Dask's (whose shuffle plugin registers it at start), the registry starts with
+distributed's ``ShuffleWorkerPlugin`` under ``"shuffle"``: P2P tasks need it on every worker.
 
 *Scheduler plugins* are user code and live here, in the shell, never in the pure core.
 ``register_scheduler_plugin`` unpickles the plugin, awaits its ``start(facade)`` (the
@@ -41,6 +43,9 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
+
+from distributed.protocol.pickle import dumps
+from distributed.shuffle._worker_plugin import ShuffleWorkerPlugin
 
 from dsched.ext.protocol import NO_EFFECTS, Effects, Extension, Transition
 from dsched.ext.pubsub import PubSub
@@ -213,7 +218,10 @@ class Plugins:
         self.scheduler = scheduler
         self.reactor = scheduler.reactor
         self.core = scheduler.core
-        self.worker_plugins: dict[str, bytes] = {}
+        # P2P shuffles and rechunks (dsched.ext.p2p) need the worker side on every worker.
+        # (distributed's pickle module is not annotated: no-untyped-call.)
+        shuffle = dumps(ShuffleWorkerPlugin())  # type: ignore[no-untyped-call]
+        self.worker_plugins: dict[str, bytes] = {"shuffle": shuffle}
         self.nanny_plugins: dict[str, bytes] = {}
         self.scheduler_plugins: dict[str, Any] = {}
         self._by_hook: dict[str, list[Any]] = {}

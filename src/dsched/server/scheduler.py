@@ -39,6 +39,7 @@ from dsched.comm import CommClosedError, ConnectionPool, TLSSettings, listen
 from dsched.comm.tcp import Comm, Listener
 from dsched.core import Core, inbound
 from dsched.ext.lifecycle import Lifecycle, worker_identity
+from dsched.ext.p2p import P2PShuffles
 from dsched.ext.registry import CONFIG_DEFAULTS, default_extensions
 from dsched.ext.task_stream import TaskStream
 from dsched.policy.protocol import Policy, wanted_events
@@ -521,4 +522,17 @@ class Scheduler:
             # Transfer bandwidth estimate, bytes/s (configured, then from heartbeats).
             "bandwidth": self.state.bandwidth,
             "parked_requests": self.core.parked_requests,
+            "p2p": self._p2p_info(),
+        }
+
+    def _p2p_info(self) -> dict[str, int]:
+        """What the P2P extension still holds (all zero once every shuffle is forgotten)."""
+        p2p = self.core.extensions["p2p"]
+        assert isinstance(p2p, P2PShuffles)
+        return {
+            "active": len(p2p.active),
+            "runs": sum(len(runs) for runs in p2p.runs.values()),
+            "specs": len(p2p.specs),
+            "pinned": len(p2p.original_restrictions),
+            "barriers": len(p2p.barriers),
         }

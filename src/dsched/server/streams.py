@@ -206,6 +206,7 @@ class Streams:
                 fifo_timeout=parse_timedelta(fifo_timeout) if fifo_timeout else 0.0,
                 submitting_task=msg.get("submitting_task"),
                 actors=msg.get("actors") or (),
+                shuffle_specs=intake.shuffle_specs,
             )
         )
         trace = self.reactor.trace

@@ -16,6 +16,12 @@ policy (``WorkerResources``) and offers the no-worker tasks again. ``DropReplica
 active memory manager, ``replicate``, ``rebalance``) forgets replicas at once, never a
 key's last one, and sends ``remove-replicas``; a worker that must keep one answers with
 ``add-keys``.
+
+P2P shuffles (``dsched.ext.p2p``) drive three events: ``SetWorkerRestrictions`` (Dask's
+``set_restrictions``: pin a shuffle's output task to the worker holding its partition, and
+restore the task's own restriction afterwards), ``DisallowQueuing`` (output tasks never wait
+in a root-task queue) and ``RecomputeTasks`` (restart a shuffle: its barrier, the barrier's
+dependents and dependencies are thrown away and computed again where still needed).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from collections.abc import Iterable
 
 from dsched.policy import protocol as policy
 from dsched.state import events as ev
-from dsched.state.edges import MEMORY
+from dsched.state.edges import MEMORY, NO_WORKER, PROCESSING, READY
 from dsched.state.engine import Engine, Recommendations
 from dsched.state.outbox import Outbox
 from dsched.state.records import Key, TaskState, WorkerState, unwant
@@ -139,3 +145,43 @@ class ClusterEvents(Engine):
                 ws.address,
                 {"op": "remove-replicas", "keys": dropped, "stimulus_id": self._stimulus_id},
             )
+
+    def _set_worker_restrictions(self, event: ev.SetWorkerRestrictions, out: Outbox) -> None:
+        recs: Recommendations = {}
+        for key, names in event.restrictions.items():
+            ts = self.tasks.get(key)
+            if ts is None:
+                continue
+            ts.worker_restrictions = names
+            if ts.state == NO_WORKER:
+                recs[ts] = READY  # offered again under the new restriction
+        self._run(recs, out)
+
+    def _disallow_queuing(self, event: ev.DisallowQueuing, out: Outbox) -> None:
+        for key in event.keys:
+            ts = self.tasks.get(key)
+            if ts is not None:
+                self.unqueueable.add(ts)
+
+    def _recompute_tasks(self, event: ev.RecomputeTasks, out: Outbox) -> None:
+        """Each task's result or run is dropped as if lost (``_lose_data`` tells the clients
+        and restarts running dependents; a released task that is still needed waits again).
+        Callers list dependents before their dependencies, as Dask's restart does."""
+        recs: Recommendations = {}
+        for key in event.keys:
+            ts = self.tasks.get(key)
+            if ts is None or ts.actor:
+                continue
+            if ts.state == MEMORY:
+                for ws in ts.who_has:
+                    ws.has_what.discard(ts)
+                    out.free_keys(ws.address, ts.key, self._stimulus_id)
+                    if self._replica_removed_events:
+                        out.policy.append(policy.ReplicaRemoved(ts.id, ws.id))
+                ts.who_has.clear()
+                self._lose_data(ts, recs, out)
+            elif ts.state == PROCESSING:
+                self._processing_released(ts, recs, out)
+            elif ts.state in (READY, NO_WORKER):
+                self._ready_released(ts, recs, out)
+        self._run(recs, out)

@@ -121,6 +121,8 @@ class Engine:
         self.unplaceable: set[TaskState] = set()
         # Ready actors waiting for a running worker (placed by ``_place_actor``, not the policy).
         self.actors_pending: set[TaskState] = set()
+        # Tasks a policy must never queue (``DisallowQueuing``: P2P output tasks).
+        self.unqueueable: set[TaskState] = set()
         # Plain booleans, tested on the hot path instead of set lookups.
         self._replica_added_events = policy.ReplicaAdded in wants
         self._replica_removed_events = policy.ReplicaRemoved in wants
@@ -337,8 +339,16 @@ class Engine:
                 if ws.address in names or ws.host in names or str(ws.name) in names
             )
         resources = tuple(ts.resource_restrictions.items()) if ts.resource_restrictions else ()
+        queueable = not (self.unqueueable and ts in self.unqueueable)
         return policy.TaskReady(
-            ts.id, ts.priority, inputs, allowed, ts.loose_restrictions, resources, ts.prefix
+            ts.id,
+            ts.priority,
+            inputs,
+            allowed,
+            ts.loose_restrictions,
+            resources,
+            ts.prefix,
+            queueable,
         )
 
     def _waiting_released(self, ts: TaskState, recs: Recommendations, out: Outbox) -> None:
@@ -394,6 +404,8 @@ class Engine:
         ts.dependencies.clear()
         ts.waiting_on.clear()
         self._move(ts, FORGOTTEN, out)
+        if self.unqueueable:
+            self.unqueueable.discard(ts)
         del self.tasks[ts.key]
         del self._tasks_by_id[ts.id]
 

@@ -72,6 +72,9 @@ class GraphReceived:
     stimulus_id: str = ""
     # update-graph's ``actors``: True (every key in ``keys``) or the keys that are actors.
     actors: bool | Sequence[Key] = ()
+    # The ``ShuffleSpec`` of each P2P barrier task of the graph, by barrier key: opaque here,
+    # kept by the P2P extension (``dsched.ext.p2p``), which observes this event.
+    shuffle_specs: Mapping[Key, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +285,38 @@ class DropReplicas:
     stimulus_id: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class SetWorkerRestrictions:
+    """Dask's ``Scheduler.set_restrictions``: each task may run only on the workers named
+    (addresses, hosts or names; ``None`` lifts the restriction), from its next offer to the
+    policy on. P2P pins a shuffle's output tasks with it. Unknown keys are skipped."""
+
+    restrictions: Mapping[Key, frozenset[str] | None]
+    stimulus_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DisallowQueuing:
+    """Never hold these tasks in a policy's root-task queue (Dask's ``_queueable = False``):
+    P2P output tasks look root-ish but must reach the workers at once, where most of them
+    pin themselves and reschedule."""
+
+    keys: Sequence[Key]
+    stimulus_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RecomputeTasks:
+    """Throw away these tasks' results and runs: replicas are freed, runs cancelled, and
+    each task that is still needed is computed again (its running dependents restart).
+    P2P restarts a shuffle with it (Dask's ``transitions({key: "released"})``, which a
+    task's waiters do not stop). Erred, waiting and released tasks and unknown keys are
+    left as they are."""
+
+    keys: Sequence[Key]
+    stimulus_id: str = ""
+
+
 # ----------------------------------------------------------------------------- policy
 @dataclass(frozen=True, slots=True)
 class PolicyDecisions:
@@ -315,5 +350,8 @@ Event = (
     | RetireWorkers
     | WorkerResourcesSet
     | DropReplicas
+    | SetWorkerRestrictions
+    | DisallowQueuing
+    | RecomputeTasks
     | PolicyDecisions
 )

@@ -170,6 +170,9 @@ class SchedulerState(ClientEvents, WorkerEvents, PlacementEvents, ClusterEvents,
             ev.RetireWorkers: self._retire_workers,
             ev.WorkerResourcesSet: self._worker_resources_set,
             ev.DropReplicas: self._drop_replicas,
+            ev.SetWorkerRestrictions: self._set_worker_restrictions,
+            ev.DisallowQueuing: self._disallow_queuing,
+            ev.RecomputeTasks: self._recompute_tasks,
         }
 
     def handle(self, event: ev.Event, now: float, out: Outbox | None = None) -> Outbox:

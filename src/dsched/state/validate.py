@@ -44,6 +44,9 @@ class Validation(Engine):
         for ts in self.unplaceable:
             if self.tasks.get(ts.key) is not ts:
                 raise InvariantError(f"unplaceable tasks are known: {ts!r} is forgotten")
+        for ts in self.unqueueable:
+            if self.tasks.get(ts.key) is not ts:
+                raise InvariantError(f"unqueueable tasks are known: {ts!r} is forgotten")
         if not 0 < self.bandwidth < float("inf"):
             raise InvariantError(f"bandwidth is positive and finite: {self.bandwidth!r}")
         self._validate_workers()
