@@ -102,11 +102,7 @@ def cluster_address(cluster: ProcessCluster) -> str:
 @pytest.fixture
 def client(cluster: ProcessCluster, cluster_address: str) -> Iterator[Client]:
     """A fresh Client per test; afterwards, asserts that no task or data is left anywhere."""
-    # dsched has no P2P shuffle/rechunk extension: make collections use task-based ones.
-    with (
-        dask.config.set({"dataframe.shuffle.method": "tasks", "array.rechunk.method": "tasks"}),
-        Client(cluster_address, timeout=CONNECT_TIMEOUT_S) as test_client,
-    ):
+    with Client(cluster_address, timeout=CONNECT_TIMEOUT_S) as test_client:
         assert len(test_client.nthreads()) == N_WORKERS, (
             "a worker was lost in an earlier test\n" + cluster.describe_processes()
         )

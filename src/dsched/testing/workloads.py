@@ -178,7 +178,9 @@ WORKLOADS: dict[str, Callable[[int], Workload]] = {
     "dataframe": make_dataframe,
 }
 
-# dsched has no P2P shuffle or rechunk: collections must use task-based ones.
+# The randomized kill tests run task-based shuffles and rechunks, whose every task is
+# ordinary graph work; P2P under worker loss has its own tests
+# (tests/chaos/test_p2p_worker_loss.py), which aim each kill at a phase of the shuffle.
 TASK_SHUFFLE_CONFIG = {"dataframe.shuffle.method": "tasks", "array.rechunk.method": "tasks"}
 
 
