@@ -1,10 +1,11 @@
-"""Run a small sample workload on a local dsched scheduler with two `dask worker` processes.
+"""Run a small sample workload on a local dsched cluster with two worker processes.
 
-    python examples/demo.py                   # dsched
-    python examples/demo.py --scheduler dask  # the same against `dask scheduler`
+    python examples/demo.py                   # dsched.LocalCluster
+    python examples/demo.py --scheduler dask  # the same on distributed.LocalCluster
 
-The scheduler and workers are separate processes on 127.0.0.1, exactly as a user would start
-them; the client below is a plain `distributed.Client`.
+``dsched.LocalCluster`` is ``distributed.LocalCluster`` with a dsched scheduler (a process of
+its own); the workers are Dask's nanny-managed worker processes, everything on 127.0.0.1,
+and the client below is a plain `distributed.Client`.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import dask.array as da
+import distributed
 from dask import delayed
 from distributed import Client
 
-from dsched.testing.cluster import ClusterStartError, ProcessCluster
+import dsched
 
 N_DELAYED = 2_000
 N_MAP = 2_000
@@ -96,22 +98,30 @@ def main(argv: list[str] | None = None) -> int:
         "--scheduler",
         choices=["dsched", "dask"],
         default="dsched",
-        help="which scheduler process to start (default: dsched)",
+        help="whose LocalCluster to start (default: dsched)",
     )
     args = parser.parse_args(argv)
 
+    local_cluster = dsched.LocalCluster if args.scheduler == "dsched" else distributed.LocalCluster
     print(f"Starting a {args.scheduler} scheduler and 2 workers on 127.0.0.1 ...")
     start = time.perf_counter()
     try:
         with (
             sigterm_as_keyboard_interrupt(),
-            ProcessCluster(scheduler_kind=args.scheduler) as cluster,
+            local_cluster(
+                n_workers=2,
+                threads_per_worker=1,
+                host="127.0.0.1",
+                dashboard_address="127.0.0.1:0",
+            ) as cluster,
         ):
-            print(f"  cluster up at {cluster.address} in {time.perf_counter() - start:.2f} s")
-            with Client(cluster.address, timeout=30) as client:
+            address = cluster.scheduler_address
+            print(f"  cluster up at {address} in {time.perf_counter() - start:.2f} s")
+            with Client(cluster, timeout=30) as client:
+                client.wait_for_workers(2, timeout=30)
                 all_correct = run_workload(client)
             print("Shutting down ...")
-    except ClusterStartError as error:
+    except RuntimeError as error:  # SpecCluster: "Cluster failed to start: ..."
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ import os
 import signal
 import socket
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import dsched
 
@@ -40,7 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dsched {dsched.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    sched = commands.add_parser("scheduler", help="run a Dask-compatible scheduler")
+    sched = commands.add_parser(
+        "scheduler",
+        help="run a Dask-compatible scheduler",
+        usage="%(prog)s [options] [PRELOAD_ARGV ...]",
+        epilog="Arguments it does not know are the preloads' argv (PRELOAD_ARGV), as with "
+        "`dask scheduler`; put them after `--` when they look like its own flags.",
+    )
     sched.add_argument("--version", action="version", version=f"dsched {dsched.__version__}")
     sched.add_argument(
         "--host", default="", help="address to listen on: 127.0.0.1, tls://10.0.0.1 (default: all)"
@@ -64,11 +70,21 @@ def _parser() -> argparse.ArgumentParser:
     sched.add_argument("--dashboard", dest="dashboard", action="store_true", default=True)
     sched.add_argument("--no-dashboard", dest="dashboard", action="store_false")
     sched.add_argument("--dashboard-prefix", default="", help="prefix of every HTTP route")
-    sched.add_argument("--show", action="store_true", help=argparse.SUPPRESS)
-    sched.add_argument("--jupyter", action="store_true", help=argparse.SUPPRESS)
+    # Deprecated in dask scheduler and without effect there: accepted and ignored.
+    sched.add_argument("--show", dest="show", action="store_true", help=argparse.SUPPRESS)
+    sched.add_argument("--no-show", dest="show", action="store_false", help=argparse.SUPPRESS)
+    sched.add_argument("--use-xheaders", help=argparse.SUPPRESS)
+    sched.add_argument("--jupyter", action="store_true", help="not supported (refused)")
+    sched.add_argument("--no-jupyter", dest="jupyter", action="store_false", help=argparse.SUPPRESS)
     sched.add_argument("--idle-timeout", help="shut down after this long without clients/work")
     sched.add_argument("--pid-file", help="write the process id to this file")
-    sched.add_argument("--preload", action="append", default=[], help="not supported")
+    sched.add_argument(
+        "--preload",
+        action="append",
+        default=[],
+        help="module, /path/to/file.py or code to run in the scheduler (its dask_setup and "
+        "dask_teardown get the scheduler); repeatable (config: distributed.scheduler.preload)",
+    )
     sched.add_argument(
         "--policy", default=None, help="scheduling policy: a name or 'package.module:Class'"
     )
@@ -95,6 +111,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _interface_address(interface: str) -> str:
     import psutil
+
+    if "," in interface:
+        raise SystemExit(
+            f"dsched: --interface {interface!r}: one interface only (dsched listens once)"
+        )
 
     for addr in psutil.net_if_addrs().get(interface, ()):
         if addr.family == socket.AF_INET:
@@ -148,8 +169,21 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse; what ``dsched scheduler`` does not know is its preloads' argv, as click's
+    ``ignore_unknown_options`` makes it for ``dask scheduler``."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if "--" in extra:
+        extra.remove("--")  # the first one only separates; later ones belong to the argv
+    if extra and args.command != "scheduler":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.preload_argv = extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     logging.basicConfig(
         level=os.environ.get("DSCHED_LOG_LEVEL", "INFO"),
         format="%(asctime)s - %(name)s - %(levelname)s - %(message)s",
@@ -160,7 +194,26 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
 
 
+# distributed.scheduler.* keys dsched does not implement, whose silent neglect would change
+# what the user asked for: a value other than Dask's default stops the scheduler.
+UNSUPPORTED_CONFIG: dict[str, str] = {
+    "distributed.scheduler.blocked-handlers": "dsched cannot block handlers",
+    "distributed.scheduler.contact-address": "dsched advertises the address it listens on",
+    "distributed.scheduler.no-workers-timeout": "dsched keeps tasks without workers waiting",
+}
+
+
+def refuse_unsupported_config() -> None:
+    import dask
+
+    for key, why in UNSUPPORTED_CONFIG.items():
+        value = dask.config.get(key, None)
+        if value:
+            raise SystemExit(f"dsched: {key} = {value!r} is not supported: {why} (unset it)")
+
+
 def run_scheduler(args: argparse.Namespace) -> None:
+    import dask
     from dask.utils import parse_timedelta
 
     from dsched.comm import TLSSettings
@@ -175,15 +228,20 @@ def run_scheduler(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise SystemExit(f"dsched: {error}") from None
     args.protocol, args.port = protocol, port
-    if args.preload:
-        raise SystemExit("dsched: --preload is not supported (dsched has no Scheduler plugins)")
+    if args.jupyter:
+        raise SystemExit("dsched: --jupyter is not supported (dsched starts no Jupyter server)")
+    check_preload_argv(args.preload, args.preload_argv)
     policy_name = args.policy or os.environ.get("DSCHED_POLICY", DEFAULT_POLICY)
     policy_process = None
     if args.policy_process:
         policy = policy_process = PolicyProcess(policy_name, dask_policy_config())
     else:
         policy = make_policy(policy_name, dask_policy_config())
-    idle_timeout = parse_timedelta(args.idle_timeout) if args.idle_timeout else None
+    # As distributed.Scheduler: the flag, else the configuration.
+    idle = args.idle_timeout or dask.config.get("distributed.scheduler.idle-timeout", None)
+    idle_timeout = parse_timedelta(idle) if idle else None
+    args.validate = args.validate or bool(dask.config.get("distributed.scheduler.validate", False))
+    refuse_unsupported_config()
     if args.pid_file:
         with open(args.pid_file, "w") as f:
             f.write(str(os.getpid()))
@@ -196,6 +254,48 @@ def run_scheduler(args: argparse.Namespace) -> None:
         if args.pid_file:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(args.pid_file)
+
+
+def check_preload_argv(preload: list[str], argv: list[str]) -> None:
+    """Dask's check of ``--preload`` and PRELOAD_ARGV at parse time
+    (``distributed.preloading.validate_preload_argv``): it imports the preloads, so a
+    missing or broken module stops the scheduler before it starts; argv without a preload,
+    or for a preload whose ``dask_setup`` takes no options, is a usage error (status 2)."""
+    if not preload and not argv:
+        return
+    from types import SimpleNamespace
+
+    import click
+    from distributed.preloading import validate_preload_argv
+
+    from dsched.server.preload import preload_named
+
+    try:
+        context = SimpleNamespace(params={"preload": preload})
+        validate_preload_argv(context, None, tuple(argv))  # type: ignore[no-untyped-call]
+    except click.ClickException as error:
+        print(f"dsched scheduler: error: {error.format_message()}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as error:
+        logger.debug("loading the preloads failed", exc_info=True)
+        raise SystemExit(
+            f"dsched: cannot load preload {preload_named(error, preload)}: "
+            f"{type(error).__name__}: {error}"
+        ) from None
+
+
+def _load_preloads(scheduler: Any, args: argparse.Namespace) -> Any:
+    """The scheduler's preloads (the command line's, else the Dask configuration's),
+    imported before it listens, as Dask's Scheduler does; None without any."""
+    from dsched.server.preload import PreloadError, configured_preloads, load_preloads
+
+    names, argv = configured_preloads(args.preload, args.preload_argv)
+    if not names:
+        return None
+    try:
+        return load_preloads(scheduler.plugins.facade, names, argv)
+    except PreloadError as error:
+        raise SystemExit(f"dsched: {error}") from None
 
 
 async def _serve(
@@ -227,10 +327,21 @@ async def _serve(
         from dsched.tools.trace.record import TraceRecorder
 
         scheduler.trace = TraceRecorder(args.trace, scheduler.state)
+    preloads = _load_preloads(scheduler, args)
     await scheduler.start()
     logger.info("  Scheduler at:   %s", scheduler.address)
     if args.scheduler_file:
         scheduler.write_scheduler_file(args.scheduler_file)
+    if preloads is not None:
+        scheduler.close_hooks.append(preloads.teardown)
+        try:
+            await preloads.start()
+        except SystemExit as exit_request:
+            # A dask_setup that calls sys.exit ends the scheduler with that status, as in
+            # Dask (SystemExit is not an Exception: PreloadManager lets it through).
+            logger.error("a preload's dask_setup exited (status %s)", exit_request.code)
+            await scheduler.close(reason="preload-exit")
+            raise
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(

@@ -1,5 +1,6 @@
-"""dsched.http.api on a stand-in for the scheduler (only ``state``, ``started`` and
-``reactor.clients`` are read): Dask's adaptive_target formula, check_idle, workers_to_close."""
+"""dsched.http.api on a stand-in for the scheduler (only ``state``, ``started``,
+``reactor.clients`` and the adaptive ops over them are read): Dask's adaptive_target
+formula, check_idle, workers_to_close."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from dsched.http import api
+from dsched.server.adaptive import AdaptiveOps
 
 
 def task(state: str, nbytes: int = 0, long_running: bool = False) -> Any:
@@ -32,9 +34,19 @@ def worker(address: str, nthreads: int = 1, processing: Any = (), has_what: Any 
     )
 
 
+class NoPlugins:
+    def valid_workers_downscaling(self, workers: list[Any]) -> list[Any]:
+        return workers
+
+
 def scheduler(tasks: dict[str, Any], workers: list[Any]) -> Any:
-    state = SimpleNamespace(tasks=tasks, workers={ws.address: ws for ws in workers})
-    return SimpleNamespace(state=state, started=100.0, reactor=SimpleNamespace(clients={}))
+    state = SimpleNamespace(
+        tasks=tasks, workers={ws.address: ws for ws in workers}, transition_log=[]
+    )
+    adaptive = AdaptiveOps(state, NoPlugins(), started=100.0)  # type: ignore[arg-type]
+    return SimpleNamespace(
+        state=state, started=100.0, reactor=SimpleNamespace(clients={}), adaptive=adaptive
+    )
 
 
 def test_adaptive_target() -> None:
@@ -80,6 +92,7 @@ def test_check_idle() -> None:
     tasks["x"] = task("processing")
     assert idle.check() is None
     tasks["x"] = task("memory")
+    s.state.transition_log.append(("x", "processing", "memory", "s1", 101.0))
     assert idle.check() is None  # a task changed state since the last check
     since = idle.check()
     assert isinstance(since, float) and since > 100.0

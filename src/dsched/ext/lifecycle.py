@@ -18,7 +18,9 @@ request is parked until no key is left only on them (re-checked on each ``AddKey
 worker removal); a timer repeats ``RetireWorkers`` every second (tasks still finishing there
 make new unique data, a recipient may fail a fetch), and after four connect timeouts the
 rest is left to be recomputed. Then the workers are removed as an expected loss, and the
-reply maps each address to its identity.
+reply maps each address to its identity. Without ``workers`` or ``names``, the workers are
+those ``workers_to_close`` picks from the other fields (``n``, ``target``, ``minimum``,
+``memory_ratio``; ``ext/adaptive.py``), as Dask's ``retire_workers(**kwargs)``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from dsched.ext.adaptive import workers_to_close
 from dsched.ext.protocol import (
     CancelTimer,
     Effect,
@@ -45,6 +48,8 @@ from dsched.state import events as ev
 from dsched.state.machine import WorkerState
 
 RETIRE_RETRY_INTERVAL = 1.0
+# retire_workers' fields that choose the workers through workers_to_close(), as Dask's.
+WORKERS_TO_CLOSE_FIELDS = frozenset({"memory_ratio", "n", "minimum", "target"})
 
 
 @dataclass
@@ -173,11 +178,35 @@ class Lifecycle(Extension):
         stimulus_id = str(args.get("stimulus_id") or f"retire-workers-{now}")
         selected: Any = args.get("workers")
         names = args.get("names")
+        # Dask passes any other field to workers_to_close() when no worker is named.
+        to_close = {k: v for k, v in args.items() if k in WORKERS_TO_CLOSE_FIELDS}
+        if (names is not None or selected is not None) and to_close:
+            return [
+                Fail(
+                    request.id,
+                    TypeError(
+                        "Parameters for workers_to_close() are mutually exclusive with "
+                        f"names and workers: {to_close}"
+                    ),
+                )
+            ]
+        if args.get("key") is not None:
+            # A pickled grouping function is user code: the pure core never runs it.
+            return [
+                Fail(
+                    request.id,
+                    TypeError(
+                        "dsched: retire_workers(key=...) is not supported; ask "
+                        "workers_to_close(key=...) and retire those workers"
+                    ),
+                )
+            ]
         if names is not None:
             wanted = {str(name) for name in names}
             selected = [ws.address for ws in workers.values() if str(ws.name) in wanted]
-        elif selected is None and args.get("n"):
-            selected = list(workers)[: int(args["n"])]
+        elif selected is None:
+            chosen = workers_to_close(list(workers.values()), **to_close)
+            selected = [ws.address for ws in chosen]
         addresses = [a for a in dict.fromkeys(selected or ()) if a in workers]
         # Actors cannot be moved: Dask's RetireWorker leaves a worker holding any running.
         refused = [

@@ -1,28 +1,19 @@
 """What the HTTP routes compute from the scheduler: Dask's ``adaptive_target``,
 ``check_idle``, ``workers_to_close(n=)`` and ``/json/counts.json``, read from the state.
 
-``adaptive_target`` follows Dask's formula (distributed/scheduler.py) with one estimate
-for every task: ``distributed.scheduler.unknown-task-duration`` (dsched keeps no task
-durations), so the occupancy is that duration times the tasks processing, and scaling
-down keeps every worker that has tasks processing (Dask asks ``workers_to_close``, which
-also weighs memory).
+``adaptive_target``, ``workers_to_close`` and ``check_idle`` are the scheduler's RPCs of
+those names (``server/adaptive.py`` over the pure ``ext/adaptive.py``: Dask's formulas,
+with ``distributed.scheduler.unknown-task-duration`` as every task's estimate, since
+dsched keeps no task durations).
 """
 
 from __future__ import annotations
 
-import math
-import time
-from collections import Counter
 from typing import TYPE_CHECKING
-
-import dask
-from dask.utils import parse_timedelta
 
 if TYPE_CHECKING:
     from dsched.server.scheduler import Scheduler
     from dsched.state.records import WorkerState
-
-_ACTIVE = ("ready", "no-worker", "processing")  # Dask: queued, unrunnable, processing
 
 
 def _nbytes(ws: WorkerState) -> int:
@@ -30,75 +21,27 @@ def _nbytes(ws: WorkerState) -> int:
 
 
 def adaptive_target(scheduler: Scheduler, target_duration: float | str | None = None) -> int:
-    if target_duration is None:
-        target_duration = dask.config.get("distributed.adaptive.target-duration")
-    target = float(parse_timedelta(target_duration))
-    duration = float(
-        parse_timedelta(dask.config.get("distributed.scheduler.unknown-task-duration"))
-    )
-    state = scheduler.state
-    workers = list(state.workers.values())
-    tasks_ready = sum(1 for ts in state.tasks.values() if ts.state in ("ready", "no-worker"))
-    processing = sum(len(ws.processing) for ws in workers)
-    # Dask: the first 100 queued tasks' durations, scaled up to all of them.
-    cpu = math.ceil((processing + tasks_ready) * duration / target)
-    # Avoid a few long tasks asking for many cores.
-    for ws in workers:
-        if tasks_ready > cpu:
-            break
-        tasks_ready += len(ws.processing)
-    else:
-        cpu = min(tasks_ready, cpu)
-    if workers:
-        nthreads = sum(ws.nthreads for ws in workers)
-        cpu = math.ceil(cpu / nthreads * len(workers)) if nthreads else cpu
-    if tasks_ready and not workers:
-        cpu = max(1, cpu)
-    limit = sum(ws.memory_limit or 0 for ws in workers)
-    used = sum(_nbytes(ws) for ws in workers)
-    memory = 2 * len(workers) if limit > 0 and used > 0.6 * limit else 0
-    wanted = max(memory, cpu)
-    if wanted >= len(workers):
-        return wanted
-    idle = sum(1 for ws in workers if not ws.processing)
-    return max(wanted, len(workers) - idle)
+    """Dask's ``adaptive_target``: the scheduler's RPC of the same name."""
+    return scheduler.adaptive.adaptive_target(target_duration)
 
 
 def workers_to_close(scheduler: Scheduler, n: int) -> list[str]:
-    """Dask's ``workers_to_close(n=n)`` with one worker per group: idle workers first,
-    those holding the fewest bytes first; never a worker running a long-running task."""
-    candidates = [
-        ws
-        for ws in scheduler.state.workers.values()
-        if not any(ts.long_running for ts in ws.processing)
-    ]
-    candidates.sort(key=lambda ws: (bool(ws.processing), _nbytes(ws)))
-    return [ws.address for ws in candidates[: max(n, 0)]]
+    """Dask's ``workers_to_close(n=n)`` (what ``/api/v1/retire_workers {"n": n}`` retires):
+    the scheduler's RPC of the same name."""
+    return [str(address) for address in scheduler.adaptive.workers_to_close(n=n)]
 
 
 class IdleTracker:
-    """Dask's ``Scheduler.check_idle``: the time since which nothing is queued, unrunnable
-    or processing and no task changed state between two checks; None while busy. The
-    scheduler starts idle (``idle_since`` is its start time). It does not close the
-    scheduler: ``--idle-timeout`` is the scheduler's own watchdog."""
+    """Dask's ``Scheduler.check_idle`` for ``/api/v1/check_idle``: the scheduler's
+    ``check_idle`` RPC, whose idle clock the route shares (as Dask's route and RPC share
+    ``idle_since``). It does not close the scheduler: ``--idle-timeout`` is the
+    scheduler's own watchdog."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
-        self.idle_since: float | None = scheduler.started
-        self._last: tuple[int, tuple[tuple[str, int], ...]] | None = None
 
     def check(self) -> float | None:
-        tasks = self.scheduler.state.tasks
-        states = Counter(ts.state for ts in tasks.values())
-        snapshot = (len(tasks), tuple(sorted(states.items())))
-        changed = self._last is not None and snapshot != self._last
-        self._last = snapshot
-        if changed or any(states[state] for state in _ACTIVE):
-            self.idle_since = None
-            return None
-        if not self.idle_since:
-            self.idle_since = time.time()
-        return self.idle_since
+        return self.scheduler.adaptive.check_idle()
 
 
 def counts(scheduler: Scheduler) -> dict[str, int]:

@@ -36,6 +36,15 @@ Supported (read-only unless said otherwise):
   ``upload_file``, ``register_worker_plugin`` / ``register_nanny_plugin`` / their
   ``unregister_`` twins, ``broadcast(msg=..., workers=..., nanny=..., on_error=...)``,
   ``valid_workers_downscaling(workers)``.
+* What preloads (dask-gateway's, ``server/preload.py``) and adaptive code use:
+  ``services`` (``services["dashboard"].port``; a preload may add its own service object,
+  whose ``port`` ``identity()`` then reports), ``time_started``, ``unrunnable`` (the tasks
+  waiting for a worker, as task views; dsched keeps no "since" time, so the values are
+  the scheduler's start time), ``transition_log`` (the bounded log of
+  ``(key, start, finish, stimulus_id, time)``: ``transition_log[-1][-1]`` is the time of
+  the last transition, as in Dask), ``adaptive_target(target_duration=None)``,
+  ``workers_to_close(...)`` (Dask's keywords), ``check_idle()`` and
+  ``await retire_workers(workers=..., names=..., remove=..., close_workers=..., n=...)``.
 
 Not supported: anything that writes the task state (``transitions``, ``set_restrictions``,
 ``stimulus_*``, ``send_all``, ``run_spec`` objects: dsched keeps only the pickled run_spec,
@@ -306,6 +315,55 @@ class BackgroundTasks:
         self._spawn(run())
 
 
+class _Service:
+    """What Dask code reads of an entry of ``Scheduler.services``: its ``port``."""
+
+    __slots__ = ("port",)
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def __repr__(self) -> str:
+        return f"<service on port {self.port}>"
+
+
+class Services(MutableMapping[str, Any]):
+    """``scheduler.services``: the scheduler's own (name -> port, read as objects with a
+    ``port``) and any a preload adds (kept as given; a ``port`` attribute of theirs is
+    reported by ``identity()``, as Dask reports ``{name: service.port}``)."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self._scheduler = scheduler  # its ``services`` (name -> port) exist once it starts
+        self._added: dict[str, Any] = {}
+
+    @property
+    def _ports(self) -> dict[str, int]:
+        return self._scheduler.services  # type: ignore[no-any-return]
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self._added:
+            return self._added[name]
+        return _Service(self._ports[name])
+
+    def __setitem__(self, name: str, service: Any) -> None:
+        if name in self._ports and name not in self._added:
+            raise ValueError(f"service {name!r} is dsched's own and cannot be replaced")
+        self._added[name] = service
+        port = getattr(service, "port", None)
+        if isinstance(port, int):
+            self._ports[name] = port
+
+    def __delitem__(self, name: str) -> None:
+        del self._added[name]
+        self._ports.pop(name, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter({**self._ports, **self._added})
+
+    def __len__(self) -> int:
+        return len({**self._ports, **self._added})
+
+
 class SchedulerFacade:
     """The scheduler as Dask plugins see it (see the module docstring for the list)."""
 
@@ -319,6 +377,7 @@ class SchedulerFacade:
         self.handlers = Handlers(scheduler.rpc_ops, plugins.handler_op)
         self._ongoing_background_tasks = BackgroundTasks(scheduler.reactor.spawn)
         self._local_directory: str | None = None
+        self.services = Services(scheduler)
 
     def __repr__(self) -> str:
         return f"<dsched SchedulerFacade {self._scheduler.id}>"
@@ -353,6 +412,38 @@ class SchedulerFacade:
 
     def identity(self, n_workers: int = -1) -> dict[str, Any]:
         return self._scheduler.identity(n_workers)  # type: ignore[no-any-return]
+
+    @property
+    def time_started(self) -> float:
+        return float(self._scheduler.started)
+
+    @property
+    def transition_log(self) -> Any:
+        return self._scheduler.state.transition_log
+
+    @property
+    def unrunnable(self) -> dict[TaskView, float]:
+        started = self.time_started
+        return {TaskView(ts): started for ts in self._scheduler.state.no_worker}
+
+    # ------------------------------------------------------------------ adaptive scaling
+    def adaptive_target(self, target_duration: float | str | None = None) -> int:
+        return self._scheduler.adaptive.adaptive_target(target_duration)  # type: ignore[no-any-return]
+
+    def workers_to_close(self, **kwargs: Any) -> list[Any]:
+        return self._scheduler.adaptive.workers_to_close(**kwargs)  # type: ignore[no-any-return]
+
+    def check_idle(self) -> float | None:
+        return self._scheduler.adaptive.check_idle()  # type: ignore[no-any-return]
+
+    async def retire_workers(
+        self, workers: list[str] | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        """Dask's ``Scheduler.retire_workers``: the ``retire_workers`` RPC's reply."""
+        args = dict(kwargs) if workers is None else {"workers": workers, **kwargs}
+        return await self._scheduler.reactor.request(  # type: ignore[no-any-return]
+            "retire_workers", "scheduler", args
+        )
 
     # ------------------------------------------------------------------ plugins
     @property

@@ -28,7 +28,7 @@ import os
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import dask
@@ -43,6 +43,7 @@ from dsched.ext.p2p import P2PShuffles
 from dsched.ext.registry import CONFIG_DEFAULTS, default_extensions
 from dsched.ext.task_stream import TaskStream
 from dsched.policy.protocol import Policy, wanted_events
+from dsched.server.adaptive import AdaptiveOps
 from dsched.server.dataproxy import DataProxy
 from dsched.server.errors import error_reply, killed_worker
 from dsched.server.forwarding import Forwarding
@@ -186,10 +187,14 @@ class Scheduler:
         self.plugins = Plugins(self)
         self.streams.worker_plugins = self.plugins.worker_plugins
         self.remote_code = RemoteCode(self.plugins, self._stopped)
+        # adaptive_target, workers_to_close, check_idle (RPCs and HTTP routes alike).
+        self.adaptive = AdaptiveOps(state, self.plugins, self.started)
         self.rpc_ops = self._rpc_ops()
         # identity()["services"]: name -> port (Dask's "dashboard": the HTTP server).
         self.http = http
         self.services: dict[str, int] = {}
+        # Awaited first when the scheduler closes (the preloads' teardown).
+        self.close_hooks: list[Callable[[], Awaitable[None]]] = []
 
     @property
     def trace(self) -> Tracer | None:
@@ -224,6 +229,7 @@ class Scheduler:
             self.plugins,
             self.remote_code,
             self.report,
+            self.adaptive,
         ]
         served = [
             *(provider.rpc_ops().items() for provider in providers),
@@ -284,6 +290,8 @@ class Scheduler:
         if self._stopped.is_set():
             return
         logger.info("closing the scheduler: %s", reason)
+        for hook in self.close_hooks:  # preloads' dask_teardown (cli.py)
+            await hook()
         await self.plugins.close()  # scheduler plugins' before_close and close hooks
         reactor = self.reactor
         reactor.flush()
