@@ -17,6 +17,7 @@ from distributed.shuffle._core import ShuffleId, ShuffleSpec
 from distributed.shuffle._exceptions import P2PConsistencyError
 from harness import Harness
 
+from dsched.ext.lifecycle import Lifecycle
 from dsched.ext.p2p import P2PShuffles
 from dsched.ext.protocol import Fail, Reply, Rpc
 from dsched.ext.pubsub import PubSub
@@ -379,3 +380,24 @@ def test_set_worker_restrictions_offers_no_worker_tasks_again() -> None:
     assert h.state.tasks["x"].state == "no-worker"
     h.step(ev.SetWorkerRestrictions({"x": frozenset({W0}), "unknown": None}))
     assert h.state.tasks["x"].processing_on.address == W0
+
+
+def test_participants_are_not_picked_for_downscaling() -> None:
+    pubsub = PubSub()
+    p2p = P2PShuffles(pubsub)
+    lifecycle = Lifecycle(pubsub, busy_workers=p2p.participating_workers)
+    h = Harness(policy=DaskPolicy(), extensions=[pubsub, p2p, lifecycle])
+    for address in (W0, W1):
+        h.add_worker(address, nthreads=2)
+    h.add_client("c")
+    submit(h, shuffle_graph("S"), "S")
+    run_inputs(h, "S")
+    create(h)
+    h.add_worker(W2, nthreads=2)  # joined after the run was created: not a participant
+    h.core.request("retire_workers", "tcp://client", {"n": 2}, h.now)
+    h.tick()
+    # W2 holds nothing, so it is retired at once; the participants stay, although n=2.
+    assert {address: ws.status for address, ws in h.state.workers.items()} == {
+        W0: "running",
+        W1: "running",
+    }

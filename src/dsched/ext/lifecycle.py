@@ -25,7 +25,7 @@ those ``workers_to_close`` picks from the other fields (``n``, ``target``, ``min
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Set
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -97,9 +97,17 @@ class Lifecycle(Extension):
     rpc_ops: ClassVar = {"restart": "restart", "retire_workers": "retire_workers"}
     observes = frozenset({ev.WorkerConnected, ev.WorkerDisconnected, ev.AddKeys})
 
-    def __init__(self, pubsub: PubSub, connect_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        pubsub: PubSub,
+        connect_timeout: float = 30.0,
+        busy_workers: Callable[[], Set[str]] = frozenset,
+    ) -> None:
         self.pubsub = pubsub
         self.connect_timeout = connect_timeout
+        # Workers that workers_to_close must not pick (P2P shuffles' participants: Dask's
+        # ShuffleSchedulerPlugin.valid_workers_downscaling).
+        self.busy_workers = busy_workers
         self.restarts = 0
         self._restarts: dict[int, _Restart] = {}
         self._retires: dict[int, _Retire] = {}
@@ -205,7 +213,12 @@ class Lifecycle(Extension):
             wanted = {str(name) for name in names}
             selected = [ws.address for ws in workers.values() if str(ws.name) in wanted]
         elif selected is None:
-            chosen = workers_to_close(list(workers.values()), **to_close)
+            busy = self.busy_workers()
+            chosen = workers_to_close(
+                list(workers.values()),
+                allowed=lambda candidates: [ws for ws in candidates if ws.address not in busy],
+                **to_close,
+            )
             selected = [ws.address for ws in chosen]
         addresses = [a for a in dict.fromkeys(selected or ()) if a in workers]
         # Actors cannot be moved: Dask's RetireWorker leaves a worker holding any running.

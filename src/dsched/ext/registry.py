@@ -70,12 +70,13 @@ def default_extensions(config: Mapping[str, Any] | None = None) -> list[Extensio
     values = {**CONFIG_DEFAULTS, **(config or {})}
     pubsub = PubSub(maxlen=int(values["distributed.admin.low-level-log-length"]))
     connect_timeout = float(parse_timedelta(values["distributed.comm.timeouts.connect"]))
+    p2p = P2PShuffles(pubsub)
     return [
         pubsub,
         ClusterQueries(),
-        Lifecycle(pubsub, connect_timeout=connect_timeout),
+        Lifecycle(pubsub, connect_timeout, busy_workers=p2p.participating_workers),
         MemoryManager.from_config(values, pubsub),
         ActorProxy(),
-        P2PShuffles(pubsub),
+        p2p,
         *(factory(values) for factory in FACTORIES),
     ]

@@ -47,6 +47,7 @@ from typing import Any
 from distributed.protocol.pickle import dumps
 from distributed.shuffle._worker_plugin import ShuffleWorkerPlugin
 
+from dsched.ext.p2p import P2PShuffles
 from dsched.ext.protocol import NO_EFFECTS, Effects, Extension, Transition
 from dsched.ext.pubsub import PubSub
 from dsched.server.facade import SchedulerFacade, dask_state, takes_comm
@@ -392,7 +393,12 @@ class Plugins:
 
     def valid_workers_downscaling(self, workers: list[Any]) -> list[Any]:
         """Filter retirement candidates (views of workers) through every plugin, as
-        ``Scheduler.workers_to_close`` does."""
+        ``Scheduler.workers_to_close`` does; the first is P2P's (participants of a running
+        shuffle stay), as Dask's shuffle plugin is."""
+        p2p = self.core.extensions.get("p2p")
+        if isinstance(p2p, P2PShuffles) and p2p.active:
+            busy = p2p.participating_workers()
+            workers = [view for view in workers if view.address not in busy]
         for plugin in self.with_hook("valid_workers_downscaling"):
             workers = plugin.valid_workers_downscaling(self.facade, workers)
         return workers
