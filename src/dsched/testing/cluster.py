@@ -352,7 +352,7 @@ class ProcessCluster:
     def _wait_for_workers(self, address: str, deadline: float) -> None:
         remaining = max(deadline - time.monotonic(), 1.0)
         try:
-            client = Client(address, timeout=remaining, set_as_default=False)
+            client = Client(address, timeout=remaining, set_as_default=False)  # type: ignore[no-untyped-call]
         except OSError as error:
             raise ClusterStartError(
                 f"could not connect a Client to {address}: {error}\n" + self.describe_processes()

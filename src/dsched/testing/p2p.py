@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 import numpy as np
-import pandas as pd
+import pandas as pd  # type: ignore[import-untyped]  # no pandas-stubs installed
 from distributed import Client
 
 from dsched.testing.faults import dsched_info, wait_until
@@ -63,7 +63,7 @@ def scheduler_shuffle_state(client: Client) -> dict[str, int]:
     info = dsched_info(client)
     if "p2p" in info:
         return dict(info["p2p"])
-    return dict(client.run_on_scheduler(_dask_scheduler_state))
+    return dict(client.run_on_scheduler(_dask_scheduler_state))  # type: ignore[no-untyped-call]
 
 
 def _worker_state(dask_worker: Any) -> dict[str, Any]:
@@ -86,7 +86,7 @@ def _task_state(dask_scheduler: Any, key: str) -> str | None:
 
 def task_state(client: Client, key: str) -> str | None:
     """The scheduler's state of ``key`` (None once forgotten), from either scheduler."""
-    state = client.run_on_scheduler(_task_state, key=key)
+    state = client.run_on_scheduler(_task_state, key=key)  # type: ignore[no-untyped-call]
     return None if state is None else str(state)
 
 

@@ -24,8 +24,8 @@ import dask
 import dask.array as da
 import dask.dataframe as dd
 import numpy as np
-import pandas as pd
-from dask import delayed
+import pandas as pd  # type: ignore[import-untyped]  # no pandas-stubs installed
+from dask.delayed import delayed
 
 TASK_DELAY_S = 0.004
 
@@ -137,7 +137,7 @@ def make_array(seed: int, size: int = 600, chunk: int = 100) -> Workload:
     """Array reductions and a matrix product (transfers between workers at every level)."""
     rng = np.random.default_rng(seed)
     values = rng.random((size, size))
-    x = da.from_array(values, chunks=(chunk, chunk), name=f"chaos-array-{_tag()}")
+    x = da.from_array(values, chunks=(chunk, chunk), name=f"chaos-array-{_tag()}")  # type: ignore[no-untyped-call]
     x = x.map_blocks(slow_identity, dtype=x.dtype)
     product = (x @ x.T).sum(axis=0)
     expected = (values @ values.T).sum(axis=0)
@@ -156,8 +156,8 @@ def make_dataframe(seed: int, rows: int = 3000) -> Workload:
     # A distinct column name per round keeps the graph's keys fresh.
     salt = f"salt_{_tag()}"
     left[salt] = 0
-    dleft = dd.from_pandas(left, npartitions=6).map_partitions(slow_identity)
-    dright = dd.from_pandas(right, npartitions=4)
+    dleft = dd.from_pandas(left, npartitions=6).map_partitions(slow_identity)  # type: ignore[no-untyped-call]
+    dright = dd.from_pandas(right, npartitions=4)  # type: ignore[no-untyped-call]
     merged = dd.merge(dleft, dright, on="key", shuffle_method="tasks", broadcast=False)
     expected = left.merge(right, on="key")
     order = ["key", "left_value"]
