@@ -102,12 +102,10 @@ def task_states(scheduler: Scheduler) -> Counter[str]:
     return Counter({_DASK_STATE.get(state, state): n for state, n in counts.items()})
 
 
-def tasks_created(scheduler: Scheduler) -> int | None:
-    """How many tasks the state ever made: task ids are handed out in sequence, so the
-    next id counts them (every task not in ``state.tasks`` was forgotten). Dask's counter
+def tasks_created(scheduler: Scheduler) -> int:
+    """How many tasks the state ever made (``SchedulerState.tasks_created``). Dask's counter
     drops the tasks of task groups it forgot whole; this one is a true total."""
-    created = getattr(scheduler.state, "_next_task_id", None)
-    return created if isinstance(created, int) else None
+    return scheduler.state.tasks_created
 
 
 class SchedulerCollector(Collector):
@@ -156,14 +154,12 @@ class SchedulerCollector(Collector):
         )
         yield CounterMetricFamily(name("last_time"), "SystemMonitor last time", value=time.time())
         by_state = task_states(scheduler)
-        created = tasks_created(scheduler)
-        if created is not None:
-            yield CounterMetricFamily(
-                name("tasks_forgotten"),
-                "Total number of processed tasks no longer in memory and already "
-                "removed from the scheduler job queue",
-                value=max(created - len(scheduler.state.tasks), 0),
-            )
+        yield CounterMetricFamily(
+            name("tasks_forgotten"),
+            "Total number of processed tasks no longer in memory and already "
+            "removed from the scheduler job queue",
+            value=max(tasks_created(scheduler) - len(scheduler.state.tasks), 0),
+        )
         tasks = GaugeMetricFamily(
             name("tasks"), "Number of tasks known by scheduler", labels=["state"]
         )

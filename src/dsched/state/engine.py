@@ -171,6 +171,12 @@ class Engine:
         for (start, finish), code in self._transitions.items():
             self._transitions_from.setdefault(start, {})[finish] = code
 
+    @property
+    def tasks_created(self) -> int:
+        """How many tasks the state ever made (ids are handed out in sequence, never reused);
+        those not in ``tasks`` were forgotten."""
+        return self._next_task_id
+
     def task_by_id(self, task_id: int) -> TaskState | None:
         return self._tasks_by_id.get(task_id)
 
