@@ -225,11 +225,11 @@ def test_sitemap(api_cluster: tuple[Client, str]) -> None:
 def test_dashboard_link(prefixed_cluster: tuple[Client, str]) -> None:
     """``client.dashboard_link`` is Dask's ``{scheme}://{host}:{port}/status``: without the
     prefix, so it is 404 with one; the prefixed /status is Dask's bokeh page, or dsched's
-    hint page that it has no dashboard yet."""
+    own dashboard page."""
     client, url = prefixed_cluster
     port = client.scheduler_info()["services"]["dashboard"]
     assert client.dashboard_link == f"http://127.0.0.1:{port}/status"
     status, content_type, body = get(url + "/status")
     assert status == 200 and content_type.startswith("text/html")
     if not DASK:
-        assert "dsched serves no dashboard pages yet" in body
+        assert 'data-view="task-stream"' in body

@@ -2,19 +2,22 @@
 
 Dask's config lists modules whose ``routes`` it imports; dsched maps each module name it
 knows to its own handlers (same paths, same replies). ``/health`` is served whatever the
-list says. A module dsched does not serve (``info``, ``proxy``, a user's own module,
-whose handlers expect a Dask ``Scheduler``) is skipped with a log line.
+list says. A module dsched does not serve (``proxy``, a user's own module, whose handlers
+expect a Dask ``Scheduler``) is skipped with a log line; of ``info`` dsched serves
+``/individual-plots.json`` only. The dashboard's pages and data (``dashboard.py``) are the
+module ``DASHBOARD``, added unless ``--no-dashboard``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tornado import web
 
-from dsched.http import api, metrics
+from dsched.http import api, dashboard, metrics
 
 if TYPE_CHECKING:
     from dsched.http.server import HttpServer
@@ -132,11 +135,12 @@ class CheckIdleHandler(Handler):
 
 class NoDashboard(Handler):
     """Dask without bokeh (``distributed.http.scheduler.missing_bokeh``) serves an install
-    hint at ``/status``; dsched has no dashboard pages yet and says so."""
+    hint at ``/status``; dsched serves it only when that module is listed and the
+    dashboard is off."""
 
     def get(self) -> None:
         self.write(
-            "<p>dsched serves no dashboard pages yet.</p>"
+            "<p>The dsched dashboard is off (<code>--no-dashboard</code>).</p>"
             "<p>JSON and metrics: <a href='json/identity.json'>json/identity.json</a>, "
             "<a href='json/counts.json'>json/counts.json</a>, "
             "<a href='metrics'>metrics</a>, <a href='sitemap.json'>sitemap.json</a>.</p>"
@@ -159,23 +163,36 @@ def _statics() -> list[Route]:
 
 HEALTH = "distributed.http.health"
 MISSING_BOKEH = "distributed.http.scheduler.missing_bokeh"
+DASHBOARD = "dsched.http.dashboard"
 
-MODULES: dict[str, Any] = {
-    "distributed.http.scheduler.prometheus": lambda: [("/metrics", MetricsHandler, {})],
-    "distributed.http.scheduler.json": lambda: [
+
+def _dashboard(http: HttpServer) -> list[Route]:
+    if http.board is None:
+        return [("/", _redirect("status"), {}), ("status", NoDashboard, {})]
+    return [("/", _redirect("status"), {}), *dashboard.page_routes(http.board)]
+
+
+# Module name -> its routes (some need the server: the dashboard's state).
+MODULES: dict[str, Callable[[HttpServer], list[Route]]] = {
+    "distributed.http.scheduler.prometheus": lambda http: [("/metrics", MetricsHandler, {})],
+    "distributed.http.scheduler.json": lambda http: [
         ("json/counts.json", CountsJSON, {}),
         ("json/identity.json", IdentityJSON, {}),
     ],
-    HEALTH: lambda: [("/health", HealthHandler, {})],
-    "distributed.http.scheduler.api": lambda: [
+    HEALTH: lambda http: [("/health", HealthHandler, {})],
+    "distributed.http.scheduler.api": lambda http: [
         ("/api/v1", APIHandler, {}),
         ("/api/v1/retire_workers", RetireWorkersHandler, {}),
         ("/api/v1/get_workers", GetWorkersHandler, {}),
         ("/api/v1/adaptive_target", AdaptiveTargetHandler, {}),
         ("/api/v1/check_idle", CheckIdleHandler, {}),
     ],
-    "distributed.http.statics": _statics,
-    MISSING_BOKEH: lambda: [("/", _redirect("status"), {}), ("status", NoDashboard, {})],
+    "distributed.http.scheduler.info": lambda http: [
+        ("individual-plots.json", dashboard.IndividualPlotsHandler, {"dashboard": http.board})
+    ],
+    "distributed.http.statics": lambda http: _statics(),
+    MISSING_BOKEH: _dashboard,
+    DASHBOARD: _dashboard,
 }
 
 
@@ -187,12 +204,12 @@ def handlers(http: HttpServer, modules: list[str], prefix: str) -> list[Route]:
     if HEALTH not in modules:
         modules = [*modules, HEALTH]
     routes: list[Route] = []
-    for name in modules:
+    for name in dict.fromkeys(modules):
         make = MODULES.get(name)
         if make is None:
             logger.debug("HTTP route module %r is not served by dsched: skipped", name)
             continue
-        for url, cls, kwargs in make():
+        for url, cls, kwargs in make(http):
             extra = {"http": http} if issubclass(cls, Handler) else {}
             routes.append((prefix + url.lstrip("/"), cls, {**kwargs, **extra}))
     return routes

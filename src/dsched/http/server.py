@@ -1,12 +1,13 @@
 """``HttpServer``: a tornado HTTP server on the scheduler's event loop, as Dask's
 ``ServerNode.start_http_server`` (distributed/node.py) starts one.
 
-It always starts, with or without a dashboard (``--no-dashboard`` only drops the
-``/status`` hint page, as in Dask without bokeh). ``dashboard_address`` is Dask's: a port,
-``:port``, ``host:port`` or a comma-separated list; an empty host with an address given
-means all interfaces, no address at all the scheduler's host; a taken port falls back to
-a free one with a warning. Routes come from ``distributed.scheduler.http.routes``
-(``routes.py``), under ``prefix`` (``--dashboard-prefix``).
+It always starts, with or without a dashboard (``--no-dashboard`` drops only the
+dashboard's pages and their data routes, ``dashboard.py``, as Dask drops its Bokeh apps).
+``dashboard_address`` is Dask's: a port, ``:port``, ``host:port`` or a comma-separated
+list; an empty host with an address given means all interfaces, no address at all the
+scheduler's host; a taken port falls back to a free one with a warning. Routes come from
+``distributed.scheduler.http.routes`` (``routes.py``), under ``prefix``
+(``--dashboard-prefix``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tornado.httpserver import HTTPServer
 
 from dsched.http import routes
 from dsched.http.api import IdleTracker
+from dsched.http.dashboard import Dashboard
 from dsched.http.metrics import ConnectionCounts, make_registry
 
 if TYPE_CHECKING:
@@ -58,6 +60,8 @@ class HttpServer:
         self.port: int | None = None
         self.host: str | None = None
         self._server: HTTPServer | None = None
+        # The dashboard's shared state, made on start unless ``dashboard`` is false.
+        self.board: Dashboard | None = None
 
     @property
     def scheduler(self) -> Scheduler:
@@ -72,7 +76,8 @@ class HttpServer:
         self.idle = IdleTracker(scheduler)
         modules = list(dask.config.get("distributed.scheduler.http.routes"))
         if self.dashboard:
-            modules.append(routes.MISSING_BOKEH)
+            self.board = Dashboard(scheduler)
+            modules.append(routes.DASHBOARD)
         application = RoutingApplication(  # type: ignore[no-untyped-call]
             routes.handlers(self, modules, self.prefix)
         )
@@ -130,6 +135,8 @@ class HttpServer:
         return context
 
     async def stop(self) -> None:
+        if self.board is not None:
+            self.board.stop()
         if self._server is not None:
             self._server.stop()
             await self._server.close_all_connections()
