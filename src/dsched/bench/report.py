@@ -49,6 +49,8 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             rss = [r["scheduler_peak_rss_bytes"] for r in ok if r.get("scheduler_peak_rss_bytes")]
             row["cpu_s"] = statistics.median(cpu) if cpu else None
             row["rss_mb"] = statistics.median(rss) / 2**20 if rss else None
+            workers = [r["worker_peak_rss_bytes"] for r in ok if r.get("worker_peak_rss_bytes")]
+            row["worker_rss_mb"] = statistics.median(workers) / 2**20 if workers else None
             if row["tasks"]:
                 row["per_task_ms"] = 1e3 * row["median_s"] / row["tasks"]
         rows.append(row)
@@ -88,7 +90,8 @@ def markdown_report(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> 
         "Makespan = client-observed time of the computation (graph built untimed), median over "
         "repeats, fresh cluster per run, schedulers interleaved. "
         "**speedup = dask median / this median** (> 1: faster than `dask scheduler`). "
-        "CPU = scheduler process CPU seconds during the timed part; RSS = scheduler peak RSS.",
+        "CPU = scheduler process CPU seconds during the timed part; RSS = scheduler peak RSS; "
+        "worker RSS = the largest peak RSS of any worker (real workers).",
     ]
     geo = geometric_means(rows)
     for setup in setups:
@@ -97,8 +100,8 @@ def markdown_report(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> 
             f"## {setup}",
             "",
             "| workload | tasks | scheduler | median s | min - max s | ok/runs | speedup "
-            "| sched CPU s | sched peak RSS MB | ms/task |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| sched CPU s | sched peak RSS MB | worker peak RSS MB | ms/task |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for row in (r for r in rows if r["setup"] == setup):
             spread = f"{row['min_s']:.3f} - {row['max_s']:.3f}" if row.get("median_s") else ""
@@ -109,7 +112,8 @@ def markdown_report(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> 
                 f"| {row['workload']} | {_fmt(row['tasks'], 'd')} | {row['scheduler']} "
                 f"| {_fmt(row.get('median_s'), '.3f')} | {spread} | {okruns} "
                 f"| {_fmt(row.get('speedup'), '.2f')} | {_fmt(row.get('cpu_s'), '.2f')} "
-                f"| {_fmt(row.get('rss_mb'), '.0f')} | {_fmt(row.get('per_task_ms'), '.3f')} |"
+                f"| {_fmt(row.get('rss_mb'), '.0f')} | {_fmt(row.get('worker_rss_mb'), '.0f')} "
+                f"| {_fmt(row.get('per_task_ms'), '.3f')} |"
             )
         means = {s: g for (st, s), g in geo.items() if st == setup}
         if means:

@@ -70,6 +70,8 @@ class RunRecord:
     tasks: int | None = None
     scheduler_cpu_s: float | None = None
     scheduler_peak_rss_bytes: int | None = None
+    # The largest peak RSS of any worker process (real workers only; fresh ones every run).
+    worker_peak_rss_bytes: int | None = None
     per_task_ms: float | None = None
     error: str = ""
     started_at: float = field(default_factory=time.time)
@@ -88,6 +90,20 @@ def _peak_rss_bytes(pid: int) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _own_peak_rss_bytes() -> int | None:
+    return _peak_rss_bytes(os.getpid())
+
+
+def _workers_peak_rss_bytes(client: Any) -> int | None:
+    """The largest VmHWM among the workers (each reads its own, through ``client.run``)."""
+    try:
+        peaks = client.run(_own_peak_rss_bytes)
+    except Exception:
+        return None
+    values = [v for v in peaks.values() if v]
+    return max(values) if values else None
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -151,6 +167,8 @@ def run_one(
         if cpu_before is not None and cpu_after is not None:
             record.scheduler_cpu_s = cpu_after - cpu_before
         record.scheduler_peak_rss_bytes = _peak_rss_bytes(pid)
+        if setup.kind == "real":
+            record.worker_peak_rss_bytes = _workers_peak_rss_bytes(client)
         if record.tasks:
             record.per_task_ms = 1e3 * record.makespan_s / record.tasks
         if check and setup.kind == "real":

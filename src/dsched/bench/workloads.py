@@ -351,10 +351,16 @@ FULL_SET = (
 
 def get_workload(name: str) -> Workload:
     """Parse ``family-param-param`` (e.g. ``merge-10k``, ``groupby-30-1s-1h``)."""
+    # The issue-14 families (realdata.py) and the P2P ones (p2p.py) import from this
+    # module, so they join here.
+    from dsched.bench.p2p import P2P_FAMILIES
+    from dsched.bench.realdata import REAL_DATA_FAMILIES
+
+    families = {**WORKLOAD_FAMILIES, **REAL_DATA_FAMILIES, **P2P_FAMILIES}
     family, _, rest = name.partition("-")
-    if family not in WORKLOAD_FAMILIES:
-        raise ValueError(f"unknown workload {name!r}; families: {', '.join(WORKLOAD_FAMILIES)}")
-    builder, parsers, zero_ok = WORKLOAD_FAMILIES[family]
+    if family not in families:
+        raise ValueError(f"unknown workload {name!r}; families: {', '.join(families)}")
+    builder, parsers, zero_ok = families[family]
     texts = rest.split("-") if rest else []
     if len(texts) != len(parsers):
         raise ValueError(f"workload {name!r}: {family} takes {len(parsers)} parameter(s)")

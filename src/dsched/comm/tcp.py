@@ -23,7 +23,10 @@ Both ends of a Dask connection open with a handshake (protocol.md §1.4): each s
 its handshake map and then reads the peer's, so neither waits on the other. ``connect``
 does this for outgoing connections; ``listen`` does it for every accepted connection
 (bounded by ``handshake_timeout``) before handing the comm to ``on_comm``. A connection
-that fails its handshake is aborted alone; the listener keeps serving.
+that fails its handshake is aborted alone; the listener keeps serving. The listening
+socket's backlog is distributed's (``distributed.comm.socket-backlog``, 2048), not
+asyncio's 100, so a thousand peers connecting at once are queued by the kernel instead of
+waiting on SYN retries.
 
 TLS (``tls://``, protocol.md §1.6) is the same framing inside TLS: ``connect`` and ``listen``
 take an ``ssl_context`` (built by ``dsched.comm.tls`` from distributed's ``Security``) and
@@ -80,6 +83,13 @@ READ_QUEUE_LOW_WATER = 100
 # How long close() waits for buffered writes to reach the peer before giving up and
 # aborting (a peer that stopped reading must not hang our shutdown).
 CLOSE_FLUSH_TIMEOUT = 5.0
+
+# The listen backlog: how many connections the kernel completes and queues for accept()
+# before it drops SYNs (a dropped SYN is retried by the peer after 1 s, then 3 s, ...).
+# asyncio's default is 100, so a thousand workers starting together stall on retries;
+# distributed listens with ``distributed.comm.socket-backlog`` (2048 by default), and so do
+# we. The kernel caps it at net.core.somaxconn.
+DEFAULT_BACKLOG = 2048
 
 # Kernel-level liveness, as distributed does (distributed.comm.timeouts.tcp = 30 s): a
 # peer that vanished without a FIN/RST is noticed within about this long.
@@ -477,6 +487,17 @@ async def connect(
     return comm
 
 
+def configured_backlog() -> int:
+    """``distributed.comm.socket-backlog`` from dask's configuration, as distributed reads
+    it (``DEFAULT_BACKLOG`` when dask's configuration is not available)."""
+    try:
+        import dask.config
+
+        return int(dask.config.get("distributed.comm.socket-backlog", DEFAULT_BACKLOG))
+    except (ImportError, TypeError, ValueError):
+        return DEFAULT_BACKLOG
+
+
 def _concrete_host(bound_host: str) -> str:
     """The address to advertise for a wildcard bind: the interface with the default route."""
     if bound_host not in {"0.0.0.0", "::", ""}:
@@ -577,6 +598,7 @@ async def listen(
     *,
     ssl_context: ssl.SSLContext | None = None,
     require_encryption: bool = False,
+    backlog: int | None = None,
 ) -> Listener:
     """Listen on ``host:port`` (port 0 picks a free one); see ``Listener``.
 
@@ -585,6 +607,7 @@ async def listen(
     handshake (with a client certificate if the context requires one, as distributed's
     do) within ``handshake_timeout``, then the Dask handshake within as much again; one
     that fails is dropped alone. Without one, ``require_encryption`` refuses to listen.
+    ``backlog`` defaults to ``configured_backlog()`` (2048, as distributed listens).
     """
     if ssl_context is None and require_encryption:
         raise SecurityError(
@@ -593,13 +616,17 @@ async def listen(
         )
     listener = Listener(on_comm, handshake_timeout, max_message_bytes, ssl_context)
     loop = asyncio.get_running_loop()
+    if backlog is None:
+        backlog = configured_backlog()
+    # asyncio also accepts up to ``backlog`` connections per wake-up of the listening socket.
     if ssl_context is None:
-        server = await loop.create_server(listener._make_comm, host, port)
+        server = await loop.create_server(listener._make_comm, host, port, backlog=backlog)
     else:
         server = await loop.create_server(
             listener._make_comm,
             host,
             port,
+            backlog=backlog,
             ssl=ssl_context,
             ssl_handshake_timeout=handshake_timeout,
         )
