@@ -119,7 +119,7 @@ def test_idle_timeout_stops_an_unused_scheduler(tmp_path):
     ("flags", "message"),
     [
         (["--protocol", "ucx"], "not supported"),
-        (["--preload", "mymodule"], "--preload is not supported"),
+        (["--preload", "no_such_preload_module"], "No module named 'no_such_preload_module'"),
         (["--policy", "no-such-policy"], "unknown policy"),
     ],
 )
