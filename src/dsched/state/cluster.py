@@ -173,12 +173,7 @@ class ClusterEvents(Engine):
             if ts is None or ts.actor:
                 continue
             if ts.state == MEMORY:
-                for ws in ts.who_has:
-                    ws.has_what.discard(ts)
-                    out.free_keys(ws.address, ts.key, self._stimulus_id)
-                    if self._replica_removed_events:
-                        out.policy.append(policy.ReplicaRemoved(ts.id, ws.id))
-                ts.who_has.clear()
+                self._free_replicas(ts, out)
                 self._lose_data(ts, recs, out)
             elif ts.state == PROCESSING:
                 self._processing_released(ts, recs, out)

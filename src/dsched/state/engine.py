@@ -378,6 +378,12 @@ class Engine:
         self._settle_released(ts, recs)
 
     def _memory_released(self, ts: TaskState, recs: Recommendations, out: Outbox) -> None:
+        self._free_replicas(ts, out)
+        self._move(ts, RELEASED, out)
+        self._settle_released(ts, recs)
+
+    def _free_replicas(self, ts: TaskState, out: Outbox) -> None:
+        """Every holder of ``ts`` frees it (``free-keys``); the task keeps no replica."""
         for ws in ts.who_has:
             ws.has_what.discard(ts)
             if ts.actor:
@@ -386,8 +392,6 @@ class Engine:
             if self._replica_removed_events:
                 out.policy.append(policy.ReplicaRemoved(ts.id, ws.id))
         ts.who_has.clear()
-        self._move(ts, RELEASED, out)
-        self._settle_released(ts, recs)
 
     def _erred_released(self, ts: TaskState, recs: Recommendations, out: Outbox) -> None:
         self._forget_error(ts, out)
@@ -439,13 +443,7 @@ class Engine:
             else:
                 out.policy.append(policy.TaskCancelled(ts.id))
         elif start == MEMORY:  # an actor whose worker was lost (``_lose_data``)
-            for ws in ts.who_has:
-                ws.has_what.discard(ts)
-                ws.actors.discard(ts)
-                out.free_keys(ws.address, ts.key, self._stimulus_id)
-                if self._replica_removed_events:
-                    out.policy.append(policy.ReplicaRemoved(ts.id, ws.id))
-            ts.who_has.clear()
+            self._free_replicas(ts, out)
         self._move(ts, ERRED, out)
         self._detach_from_inputs(ts, recs)
         for dts in ts.dependents:
