@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from distributed import Client
 
+from dsched.testing.browser import chromium_command
 from dsched.testing.cluster import DASK_SCHEDULER_KINDS, ProcessCluster
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -50,19 +51,9 @@ def dump_dom(url: str, budget_ms: int = 6000) -> str:
     its helper processes are killed (by process group) if it hangs."""
     assert CHROMIUM is not None
     with tempfile.TemporaryDirectory(prefix="dsched-chromium-") as profile:
-        command = [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--no-first-run",
-            "--disable-extensions",
-            f"--user-data-dir={profile}",
-            f"--virtual-time-budget={budget_ms}",
-            "--dump-dom",
-            url,
-        ]
+        command = chromium_command(
+            CHROMIUM, profile, f"--virtual-time-budget={budget_ms}", "--dump-dom", url
+        )
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True
         )

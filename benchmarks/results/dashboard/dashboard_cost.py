@@ -43,6 +43,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from dsched.testing.browser import chromium_command
+
 HERE = Path(__file__).resolve().parent
 WORKLOAD = "merge-25k"
 ZERO_WORKERS = 8
@@ -61,19 +63,9 @@ CONDITIONS = [
 def open_pages(url: str, n: int, profile: str) -> subprocess.Popen[bytes]:
     """One headless Chromium showing ``url`` in ``n`` tabs; returns the browser process."""
     browser = subprocess.Popen(
-        [
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--no-first-run",
-            "--disable-extensions",
-            f"--user-data-dir={profile}",
-            "--remote-debugging-port=0",
-            "--window-size=1400,1000",
-            url,
-        ],
+        chromium_command(
+            "chromium", profile, "--remote-debugging-port=0", "--window-size=1400,1000", url
+        ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
