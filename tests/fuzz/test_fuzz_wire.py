@@ -240,6 +240,9 @@ def test_client_stream_survives_garbage_and_wrong_ops(scheduler: str, scheduler_
                 {"op": "report-key", "key": {"a": "dict"}},
                 {"op": "client-desires-keys", "keys": ["k"], "client": 7},
                 {"op": "update-data", "who_has": {"k": ["tcp://nowhere:1"]}, "nbytes": "x"},
+                # No topic, and an unhashable "key" (found by hypothesis: the stream hung).
+                {"op": "unsubscribe-topic", "key": {"": None}},
+                {"op": "subscribe-topic"},
                 {"op": "report-key", "key": sentinel},
             ]
         )

@@ -82,15 +82,15 @@ class PubSub(Extension):
         return [Reply(request.id, everything)]
 
     def stream_log_event(self, peer: str, msg: dict[str, Any], now: float) -> Effects:
-        return self.publish(_topics(msg["topic"]), msg.get("msg"), now)
+        return self.publish(_topics(_topic_field(msg)), msg.get("msg"), now)
 
     # ------------------------------------------------------------------ subscriptions
     def stream_subscribe(self, peer: str, msg: dict[str, Any], now: float) -> Effects:
-        self._topic(str(msg["topic"])).subscribers.add(peer)
+        self._topic(str(_topic_field(msg))).subscribers.add(peer)
         return ()
 
     def stream_unsubscribe(self, peer: str, msg: dict[str, Any], now: float) -> Effects:
-        topic = self.topics.get(str(msg["topic"]))
+        topic = self.topics.get(str(_topic_field(msg)))
         if topic is not None:
             topic.subscribers.discard(peer)
         return ()
@@ -109,3 +109,10 @@ def _topics(value: Any) -> str | list[str]:
     if isinstance(value, list | tuple) and all(isinstance(t, str) for t in value):
         return list(value)
     raise RemoteProtocolError(f"topic must be a string or a list of strings, got {value!r:.200}")
+
+
+def _topic_field(msg: dict[str, Any]) -> Any:
+    """A stream message's ``topic`` (Dask's handlers take it as a required argument)."""
+    if "topic" not in msg:
+        raise RemoteProtocolError(f"{msg.get('op')!r} without a 'topic' field")
+    return msg["topic"]

@@ -283,7 +283,12 @@ class Reactor:
 
     def log_internal_error(self, exc: BaseException, keys: Iterable[Any] = ()) -> None:
         """Our own bug: logged loudly, with the story of the keys involved."""
-        stories = {key: self.core.story(key)[-20:] for key in list(keys)[:10]}
+        stories: list[tuple[Any, Any]] = []
+        for key in list(keys)[:10]:
+            try:
+                stories.append((key, self.core.story(key)[-20:]))
+            except TypeError:  # what the peer sent as a key may not even be hashable
+                stories.append((key, "not a key"))
         logger.error(
             "internal error (a bug in dsched, not the peer's fault): %r; stories: %r",
             exc,

@@ -141,9 +141,11 @@ class Streams:
                 except (RemoteProtocolError, ValueError, TypeError) as exc:
                     self._peer_error(comm, peer, f"{op!r}: {exc}", tell_peer)
                 except Exception as exc:
-                    keys = msg.get("keys") or ([msg["key"]] if "key" in msg else [])
-                    self.reactor.log_internal_error(exc, keys if isinstance(keys, list) else ())
-                    comm.abort()
+                    try:
+                        keys = msg.get("keys") or ([msg["key"]] if "key" in msg else [])
+                        self.reactor.log_internal_error(exc, keys if isinstance(keys, list) else ())
+                    finally:
+                        comm.abort()  # whatever the log did: the peer must not hang
                     return
 
     @staticmethod
