@@ -75,6 +75,15 @@ def test_map_10k_and_gather(client: Client) -> None:
     assert client.gather(futures) == list(range(1, n + 1))
 
 
+def test_a_big_graph_over_persisted_data(client: Client) -> None:
+    """Both graphs exceed dsched's part size (5,000 tasks), so each is taken in as parts;
+    the second needs the first's 12,000 results across all of its parts."""
+    x = da.arange(12_000, chunks=1).persist()
+    total = (x + 1).sum(split_every=4)
+    assert total.compute(timeout=RESULT_TIMEOUT_S) == sum(range(1, 12_001))
+    del x
+
+
 def test_chain_of_submits(client: Client) -> None:
     # Every submit is its own update-graph that depends on the previous, still-running future.
     length = 300

@@ -245,6 +245,27 @@ def test_scheduler_plugin_counts_transitions_and_clients(
         client.unregister_scheduler_plugin(names)
 
 
+def test_update_graph_runs_once_for_a_graph_taken_in_parts(
+    client: Client, names: str
+) -> None:
+    """dsched takes a graph of more than 5,000 tasks in as parts (dsched.state.slicing);
+    plugins still see one update_graph call with every task, as Dask makes."""
+    client.register_plugin(CountingSchedulerPlugin(names))
+    try:
+        keys = [f"{names}-big-{i}" for i in range(12_000)]
+        futures = client.map(inc, range(12_000), key=keys)
+        total = client.submit(sum, futures, key=f"{names}-total")
+        assert total.result() == sum(range(1, 12_001))
+        state = client.run_on_scheduler(plugin_state, name=names)
+        assert state["graphs"][0] == sorted(keys)
+        # Dask's tasks are those the graph touches: its own and the futures it needs.
+        assert state["graphs"][1] == sorted([*keys, f"{names}-total"])
+        assert len(state["graphs"]) == 2
+        del futures, total
+    finally:
+        client.unregister_scheduler_plugin(names)
+
+
 def test_upload_file_makes_a_module_importable(client: Client, tmp_path: Path, names: str) -> None:
     module = f"dsched_uploaded_{uuid.uuid4().hex[:8]}"
     path = tmp_path / f"{module}.py"

@@ -18,6 +18,10 @@ every 20 ms on its own connection and records each reply's latency: the longest 
 longest time the scheduler's event loop did not answer (heartbeats and other clients wait
 that long). Reported per run: makespan (compute + gather of the one result), ms per task,
 the longest and 99th-percentile probe latency, and the scheduler's peak RSS (VmHWM).
+The scheduler also runs the ``loop_watch.py`` preload, which reports from inside the
+scheduler the longest stall of its loop and the most CPU its loop thread spent in one
+stall: on a loaded machine the wall figures include waiting for a core, the CPU figure
+does not.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 import threading
 import time
@@ -79,12 +84,25 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def _loop_stalls(log: str) -> tuple[float, float]:
+    """The longest stall ``loop_watch`` saw (wall s) and the most CPU in one (s)."""
+    stalls = re.findall(r"LOOP-STALL wall=([\d.]+) cpu=([\d.]+)", log)
+    return (
+        max((float(wall) for wall, _ in stalls), default=0.0),
+        max((float(cpu) for _, cpu in stalls), default=0.0),
+    )
+
+
 def run_one(kind: str, size: int, timeout: float) -> dict[str, Any]:
     import dask.array as da
 
     rows = max(1, size // 2)
     cluster = ProcessCluster(
-        scheduler_kind=kind, n_workers=8, worker_kind="zero", startup_timeout=120
+        scheduler_kind=kind,
+        n_workers=8,
+        worker_kind="zero",
+        startup_timeout=120,
+        scheduler_args=["--preload", str(HERE / "loop_watch.py")],
     )
     with cluster:
         assert cluster.address is not None and cluster.scheduler is not None
@@ -99,6 +117,7 @@ def run_one(kind: str, size: int, timeout: float) -> dict[str, Any]:
         finally:
             client.close()  # type: ignore[no-untyped-call]
         rss = _peak_rss_mb(cluster.scheduler.popen.pid)
+        stall_wall, stall_cpu = _loop_stalls(cluster.scheduler.log_path.read_text())
     lat = sorted(probe.latencies)
     n_tasks = _count_tasks(graph)
     return {
@@ -111,6 +130,8 @@ def run_one(kind: str, size: int, timeout: float) -> dict[str, Any]:
         "probe_p99_s": lat[int(0.99 * (len(lat) - 1))] if lat else None,
         "probes": len(lat),
         "peak_rss_mb": rss,
+        "loop_stall_max_s": stall_wall,
+        "loop_stall_max_cpu_s": stall_cpu,
     }
 
 

@@ -54,6 +54,7 @@ from dsched.server.facade import SchedulerFacade, dask_state, takes_comm
 from dsched.server.ops import RpcOp, call
 from dsched.state import events as ev
 from dsched.state.edges import ERRED, FORGOTTEN, MEMORY
+from dsched.state.records import Key
 
 logger = logging.getLogger("dsched.scheduler")
 
@@ -100,6 +101,9 @@ class PluginHooks(Extension):
         # close-client message and then its stream ending both disconnect it, and Dask
         # calls remove_client once.
         self._departed: dict[tuple[str, str], None] = {}
+        # The earlier parts of each client's big graph (``dsched.state.slicing``): Dask
+        # calls update_graph once per graph, so the hook runs on the last part, with all.
+        self._graph_parts: dict[str, list[ev.GraphReceived]] = {}
 
     def _first_departure(self, kind: str, name: str) -> bool:
         if (kind, name) in self._departed:
@@ -118,7 +122,15 @@ class PluginHooks(Extension):
         elif isinstance(event, ev.WorkerConnected):
             self._departed.pop(("worker", event.address), None)
         elif isinstance(event, ev.ClientDisconnected):
+            self._graph_parts.pop(event.client, None)
             if not self._first_departure("client", event.client):
+                return NO_EFFECTS
+        elif isinstance(event, ev.GraphReceived) and (event.part or event.hold is not None):
+            if event.part == 0 or not self.plugins.with_hook(hook):
+                self._graph_parts.pop(event.client, None)
+            if self.plugins.with_hook(hook):
+                self._graph_parts.setdefault(event.client, []).append(event)
+            if event.hold is not None:
                 return NO_EFFECTS
         elif isinstance(event, ev.WorkerDisconnected) and not self._first_departure(
             "worker", event.address
@@ -140,7 +152,8 @@ class PluginHooks(Extension):
             kwargs = {"scheduler": facade}
         else:
             assert isinstance(event, ev.GraphReceived)
-            kwargs = self._update_graph_arguments(event, now)
+            parts = self._graph_parts.pop(event.client, None) if event.part else None
+            kwargs = self._update_graph_arguments(parts or [event], now)
         for plugin in self.plugins.with_hook(hook):
             try:
                 if hook == "update_graph":  # the scheduler is positional, as Dask passes it
@@ -155,18 +168,29 @@ class PluginHooks(Extension):
                 logger.exception(exc)
         return NO_EFFECTS
 
-    def _update_graph_arguments(self, event: ev.GraphReceived, now: float) -> dict[str, Any]:
+    def _update_graph_arguments(self, parts: list[ev.GraphReceived], now: float) -> dict[str, Any]:
+        """Dask's arguments for a graph received whole or in ``parts``. Its ``tasks`` are
+        the tasks Dask's ``_generate_taskstates`` touches: the graph's (culled) and the
+        known tasks they depend on."""
+        event = parts[-1]
         tasks = self.state.tasks
         annotations: dict[str, dict[Any, Any]] = {}
-        keys = []
-        for spec in event.tasks:
-            keys.append(spec.key)
+        keys: dict[Key, None] = {}
+        for spec in (spec for part in parts for spec in part.tasks):
+            keys[spec.key] = None
             for name, value in (spec.annotations or {}).items():
                 annotations.setdefault(name, {})[spec.key] = value
+        known = [
+            dep
+            for spec in (spec for part in parts for spec in part.tasks)
+            for dep in spec.dependencies
+            if dep not in keys
+        ]
+        keys.update(dict.fromkeys(known))
         return {
             "client": event.client,
             "keys": set(event.keys),
-            "tasks": keys,
+            "tasks": list(keys),
             "annotations": annotations,
             "priority": {k: tasks[k].priority for k in keys if k in tasks},
             "stimulus_id": event.stimulus_id or f"update-graph-{now}",

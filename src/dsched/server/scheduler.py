@@ -347,6 +347,7 @@ class Scheduler:
                         self.streams.remove_worker(
                             address, expected=False, reason="worker-ttl-timed-out"
                         )
+            self.streams.freezer.when_idle(len(self.state.tasks))
             busy = self.reactor.clients or any(ws.processing for ws in self.state.workers.values())
             if busy:
                 self._last_activity = now

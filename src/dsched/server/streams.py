@@ -6,8 +6,9 @@ Theory of operation
 batch (a list of message dicts); each message is dispatched in order through the op
 registry's stream table (``ops.StreamOps``): a decoder into a state event, an extension's
 stream op, or an awaited special (``update-graph``, whose intake runs in a thread so a big
-graph does not stall heartbeats; the client's stream waits for it, which keeps that
-client's messages in order while every other peer keeps being served).
+graph does not stall heartbeats, and which hands a big graph to the state machine in parts,
+one per loop iteration (``dsched.state.slicing``); the client's stream waits for it, which
+keeps that client's messages in order while every other peer keeps being served).
 
 Whose fault: a message that cannot be decoded (``RemoteProtocolError``, ``ValueError``)
 gets a warning in the log and, from a client, an ``error`` message on its stream (the
@@ -35,13 +36,19 @@ from dsched.comm import CommClosedError
 from dsched.comm.tcp import Comm
 from dsched.core import inbound
 from dsched.ext.lifecycle import Lifecycle
-from dsched.graph import GraphIntakeError, intake_update_graph
+from dsched.graph import GraphIntake, GraphIntakeError, intake_update_graph
+from dsched.server.collector import GraphFreezer
 from dsched.server.errors import pickled_exception
 from dsched.server.reactor import Reactor, WorkerRecord
 from dsched.state import events as ev
+from dsched.state.slicing import graph_parts
 from dsched.wire import RemoteProtocolError
 
 logger = logging.getLogger("dsched.scheduler")
+
+# Stream messages one peer's stream handles before letting the loop serve the others (and
+# flush): about 25 ms of state-machine work.
+MESSAGES_PER_TURN = 1000
 
 StreamHandler = Callable[[str, dict[str, Any]], Awaitable[None] | None]
 
@@ -105,6 +112,7 @@ class Streams:
         self.lifecycle = lifecycle
         self.heartbeat_interval = heartbeat
         self._intake = ThreadPoolExecutor(1, thread_name_prefix="dsched-graph-intake")
+        self.freezer = GraphFreezer()
         # Worker plugins (name -> pickled bytes) shipped to every registering worker; the
         # scheduler shares its plugin registry's dict here.
         self.worker_plugins: dict[str, bytes] = {}
@@ -118,6 +126,7 @@ class Streams:
     ) -> None:
         """Read a batched stream until it closes, dispatching each message in order;
         ``tell_peer``: send bad messages' errors to the peer too (clients)."""
+        since_yield = 0
         while True:
             batch = await comm.read()
             try:
@@ -127,6 +136,12 @@ class Streams:
                 comm.abort()
                 return
             for msg in messages:
+                since_yield += 1
+                if since_yield >= MESSAGES_PER_TURN:
+                    # A read of buffered data does not suspend: a peer that keeps sending
+                    # (many workers finishing short tasks) would keep the loop to itself.
+                    since_yield = 0
+                    await asyncio.sleep(0)
                 op = msg.get("op")
                 if op == "close-stream":
                     return
@@ -179,7 +194,9 @@ class Streams:
         restarts_before = self.lifecycle.restarts
         loop = asyncio.get_running_loop()
         try:
-            intake = await loop.run_in_executor(self._intake, intake_update_graph, msg)
+            intake, parts = await loop.run_in_executor(
+                self._intake, _take_in, self.freezer, client, keys, msg
+            )
         except GraphIntakeError as exc:
             logger.info("graph from %s failed: %r", client, exc.exception)
             self.reactor.handle(
@@ -190,27 +207,22 @@ class Streams:
             logger.exception("graph intake from %s failed", client)
             self.reactor.handle(ev.GraphFailed(client, keys, pickled_exception(exc), None))
             return
-        fifo_timeout = msg.get("fifo_timeout", 0)
-        if self.lifecycle.restarting or self.lifecycle.restarts != restarts_before:
-            # A restart overtook this graph (the RPC travels on another comm, and the stream
-            # batches for up to 10 ms; the client blocks in restart() until it returns, so a
-            # graph arriving meanwhile was sent before it): the client has cancelled these
-            # futures and forgotten them, so nobody would ever release them.
-            logger.info("dropping a graph from %s submitted before a restart", client)
-            return
-        self.reactor.handle(
-            ev.GraphReceived(
-                client,
-                list(intake.tasks.values()),
-                keys,
-                intake.order,
-                user_priority=msg.get("user_priority") or 0,
-                fifo_timeout=parse_timedelta(fifo_timeout) if fifo_timeout else 0.0,
-                submitting_task=msg.get("submitting_task"),
-                actors=msg.get("actors") or (),
-                shuffle_specs=intake.shuffle_specs,
-            )
-        )
+        for part in parts:
+            if part.part:
+                # One loop iteration between parts: heartbeats and every other peer are
+                # served while a big graph comes in (dsched.state.slicing).
+                await asyncio.sleep(0)
+            if self.lifecycle.restarting or self.lifecycle.restarts != restarts_before:
+                # A restart overtook this graph (the RPC travels on another comm, and the
+                # stream batches for up to 10 ms; the client blocks in restart() until it
+                # returns, so a graph arriving meanwhile was sent before it): the client
+                # has cancelled these futures and forgotten them, so nobody would ever
+                # release them. The restart dropped the parts already taken in.
+                logger.info("dropping a graph from %s submitted before a restart", client)
+                return
+            self.reactor.handle(part)
+            if len(parts) > 1:
+                self.freezer.freeze()
         trace = self.reactor.trace
         if trace is not None:
             trace.graph(client, intake, keys, arrived, time.time())
@@ -282,3 +294,27 @@ class Streams:
             return
         logger.info("removing worker %s (%s)", address, reason)
         self.reactor.handle(ev.WorkerDisconnected(address, expected=expected, stimulus_id=reason))
+
+
+def _take_in(
+    freezer: GraphFreezer, client: str, keys: list[Any], msg: dict[str, Any]
+) -> tuple[GraphIntake, list[ev.GraphReceived]]:
+    """Run in the intake thread: the graph, as the parts the state machine takes in."""
+    with freezer.intake():
+        intake = intake_update_graph(msg)
+        fifo_timeout = msg.get("fifo_timeout", 0)
+        whole = ev.GraphReceived(
+            client,
+            list(intake.tasks.values()),
+            keys,
+            intake.order,
+            user_priority=msg.get("user_priority") or 0,
+            fifo_timeout=parse_timedelta(fifo_timeout) if fifo_timeout else 0.0,
+            submitting_task=msg.get("submitting_task"),
+            actors=msg.get("actors") or (),
+            shuffle_specs=intake.shuffle_specs,
+        )
+        parts = graph_parts(whole)
+        if len(parts) > 1:
+            freezer.freeze()
+    return intake, parts

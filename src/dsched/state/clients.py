@@ -30,7 +30,8 @@ from dsched.state.edges import ERRED, FORGOTTEN, MEMORY, RELEASED, WAITING
 from dsched.state.engine import FIRE_AND_FORGET, Engine, Recommendations
 from dsched.state.messages import CancelledKeys
 from dsched.state.outbox import Outbox
-from dsched.state.records import Key, TaskState, unwant
+from dsched.state.records import ClientState, Key, TaskState, unwant
+from dsched.state.slicing import GraphInProgress, intake_holder
 
 
 class ClientEvents(Engine):
@@ -38,6 +39,7 @@ class ClientEvents(Engine):
         self._client(event.client)
 
     def _client_disconnected(self, event: ev.ClientDisconnected, out: Outbox) -> None:
+        self._drop_graph_in_progress(event.client, out)
         cs = self.clients.pop(event.client, None)
         if cs is None:
             return
@@ -49,10 +51,20 @@ class ClientEvents(Engine):
         self._run(recs, out)
 
     def _graph_received(self, event: ev.GraphReceived, out: Outbox) -> None:
+        """A whole graph, or one part of a big one (``dsched.state.slicing``)."""
         cs = self.clients.get(event.client)
         if cs is None:
             out.log("info", f"dropping a graph from {event.client}: the client has left")
             return
+        progress = self.graphs_in_progress.get(cs.id)
+        if event.part == 0 and progress is not None:
+            # The parts of an earlier graph stopped coming (a restart overtook it).
+            self._drop_graph_in_progress(cs.id, out)
+            progress = None
+        elif event.part > 0 and progress is None:
+            out.log("info", f"dropping part {event.part} of an abandoned graph from {cs.id}")
+            return
+        partial = event.hold is not None
         tasks = self.tasks
         in_graph = {spec.key for spec in event.tasks}
         new_specs = [spec for spec in event.tasks if spec.key not in tasks]
@@ -62,15 +74,18 @@ class ClientEvents(Engine):
             for dep in spec.dependencies
             if dep not in in_graph and dep not in tasks
         ]
-        lost += [key for key in event.keys if key not in in_graph and key not in tasks]
+        needed = event.hold if event.hold is not None else event.keys
+        lost += [key for key in needed if key not in in_graph and key not in tasks]
         if lost:
             out.send_client(
                 cs.id,
                 {"op": "cancelled-keys", "keys": list(event.keys), "reason": "lost dependencies"},
             )
             out.log("info", f"graph from {cs.id} needs unknown keys, e.g. {lost[0]!r}")
+            if progress is not None:
+                self._drop_graph_in_progress(cs.id, out)
             return
-        generation = self._generation_for(event)
+        generation = self._generation_for(event) if progress is None else progress.generation
         order = event.order
         for spec in new_specs:
             ts = self._new_task(spec.key, spec.run_spec, spec.annotations)
@@ -94,11 +109,18 @@ class ClientEvents(Engine):
                 )
             )
         recs: Recommendations = {}
-        wanted = [tasks[key] for key in event.keys]
-        for ts in wanted:
-            self._want(cs, ts)
-        if event.actors:
-            self._flag_actors(event)
+        wanted = [tasks[key] for key in needed]
+        if partial:
+            if progress is None:
+                holder = self._client(intake_holder(cs.id))
+                progress = self.graphs_in_progress[cs.id] = GraphInProgress(holder, generation)
+            for ts in wanted:
+                self._want(progress.holder, ts)
+        else:
+            for ts in wanted:
+                self._want(cs, ts)
+            if event.actors:
+                self._flag_actors(event)
         for spec in new_specs:
             ts = tasks[spec.key]
             if not ts.who_wants and not ts.dependents:  # not culled by the intake: drop it
@@ -106,9 +128,32 @@ class ClientEvents(Engine):
         for ts in sorted(wanted, key=lambda t: t.priority, reverse=True):
             if ts.state == RELEASED:
                 recs[ts] = WAITING
-            else:
+            elif not partial:
                 self._report_state(cs, ts, out)
         self._run(recs, out)
+        if progress is None:
+            return
+        if partial:
+            # This part's tasks now wait on these: the holder can let go of them.
+            self._let_go(progress.holder, [tasks[k] for k in event.release if k in tasks], out)
+        else:
+            self._drop_graph_in_progress(cs.id, out)
+
+    def _let_go(self, holder: ClientState, held: list[TaskState], out: Outbox) -> None:
+        recs: Recommendations = {}
+        for ts in held:
+            if ts in holder.wants:
+                holder.wants.discard(ts)
+                unwant(ts, holder)
+                self._release_if_unneeded(ts, recs)
+        self._run(recs, out)
+
+    def _drop_graph_in_progress(self, client: str, out: Outbox) -> None:
+        """The holder of ``client``'s graph in progress lets go of everything and leaves."""
+        progress = self.graphs_in_progress.pop(client, None)
+        if progress is not None:
+            self._let_go(progress.holder, list(progress.holder.wants), out)
+            del self.clients[progress.holder.id]
 
     def _flag_actors(self, event: ev.GraphReceived) -> None:
         """``actors``: True flags every requested key, a list those keys; anything else is

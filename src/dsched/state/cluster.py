@@ -48,6 +48,10 @@ class ClusterEvents(Engine):
                 self._release_if_unneeded(ts, recs)
             cs.wants.clear()
         self._run(recs, out)
+        # Graphs whose parts were still arriving are dropped (the server stops feeding them).
+        for progress in self.graphs_in_progress.values():
+            del self.clients[progress.holder.id]
+        self.graphs_in_progress.clear()
         for cs in self.clients.values():
             out.send_client(cs.id, {"op": "restart"})
 

@@ -77,6 +77,7 @@ from dsched.state.records import (
     WorkerState,
     unwant,
 )
+from dsched.state.slicing import GraphInProgress
 
 FIRE_AND_FORGET = "fire-and-forget"
 
@@ -116,6 +117,8 @@ class Engine:
         self.tasks: dict[Key, TaskState] = {}
         self.workers: dict[str, WorkerState] = {}
         self.clients: dict[str, ClientState] = {}
+        # Each client's big graph whose parts are still arriving (``dsched.state.slicing``).
+        self.graphs_in_progress: dict[str, GraphInProgress] = {}
         self.no_worker: set[TaskState] = set()
         # The no-worker tasks no worker of the cluster can run (offered only to new workers).
         self.unplaceable: set[TaskState] = set()

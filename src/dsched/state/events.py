@@ -75,6 +75,12 @@ class GraphReceived:
     # The ``ShuffleSpec`` of each P2P barrier task of the graph, by barrier key: opaque here,
     # kept by the P2P extension (``dsched.ext.p2p``), which observes this event.
     shuffle_specs: Mapping[Key, Any] = field(default_factory=dict)
+    # A big graph comes in parts (``dsched.state.slicing``): this one's index; what the
+    # client's intake holder must keep for later parts (None: this is the last part, or the
+    # whole graph); the held keys whose last user is in this part.
+    part: int = 0
+    hold: Sequence[Key] | None = None
+    release: Sequence[Key] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -181,6 +181,12 @@ class Validation(Engine):
             steal_ids.add(stimulus_id)
 
     def _validate_clients(self) -> None:
+        for client_id, progress in self.graphs_in_progress.items():
+            holder = progress.holder
+            if client_id not in self.clients or self.clients.get(holder.id) is not holder:
+                raise InvariantError(
+                    f"a graph in progress has a known client and holder: {client_id!r}"
+                )
         for client_id, cs in self.clients.items():
             if cs.id != client_id:
                 raise InvariantError(f"a client is filed under its id: {cs!r} as {client_id!r}")
