@@ -232,3 +232,9 @@ def test_the_holder_lets_go_as_the_parts_that_need_its_tasks_arrive() -> None:
     harness.step(parts[-1])
     harness.run_until_idle()
     assert in_memory(harness) == {"t99"}
+
+
+def test_a_cycle_is_refused_when_the_parts_are_cut() -> None:
+    graph = {"a": ("b",), "b": ("a",), "c": ()}
+    with pytest.raises(ValueError, match="cycle"):
+        graph_parts(graph_event(graph, ["a"], {"a": 0, "b": 1, "c": 2}), size=1)
