@@ -75,7 +75,7 @@ def test_a_scheduler_that_does_not_start_is_recorded() -> None:
 def test_quick_bench_tiny(tmp_path: Path) -> None:
     args = argparse.Namespace(
         quick=True,
-        workloads="merge-300,map-200",
+        workloads="merge-300",
         schedulers="dask,dsched",
         setups="real-2x1,zero-4",
         repeats=1,
@@ -89,12 +89,12 @@ def test_quick_bench_tiny(tmp_path: Path) -> None:
     assert data["meta"]["machine"]["distributed"] == "2026.8.0"
     assert data["meta"]["command"].startswith("dsched bench")
     runs = data["runs"]
-    assert len(runs) == 2 * 2 * 2  # workloads x schedulers x set-ups, none dropped
+    assert len(runs) == 2 * 2  # schedulers x set-ups, none dropped
     for record in runs:
         assert record["status"] == "ok", record
         assert record["makespan_s"] > 0 and record["scheduler_cpu_s"] >= 0
         assert record["scheduler_peak_rss_bytes"] > 10 * 2**20
-        assert record["tasks"] == {"merge-300": 301, "map-200": 200}[record["workload"]]
+        assert record["tasks"] == 301
     assert {(r["setup"], r["scheduler"]) for r in runs} == {
         (s, k) for s in ("real-2x1", "zero-4") for k in ("dask", "dsched")
     }
