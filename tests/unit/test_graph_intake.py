@@ -530,11 +530,34 @@ def test_one_pickler_per_graph_gives_each_task_a_self_contained_pickle() -> None
             with pytest.raises(TypeError):
                 shared(node)
             continue
-        reused = shared(node).header["pickled-obj"]
-        assert reused == intake_module._RunSpecPickler()(node).header["pickled-obj"], node.key
+        reused = shared(node).pickle_bytes
+        assert reused == intake_module._RunSpecPickler()(node).pickle_bytes, node.key
         shipped = worker_side_run_spec(TaskSpec(node.key, (), shared(node), {}))
         inputs = dict.fromkeys(node.dependencies, 5)
         assert shipped(inputs) == node(inputs)
+
+
+def test_big_run_spec_is_kept_compressed_and_unpickles_on_a_worker() -> None:
+    node = Task("big", add, *[f"value-{i}" for i in range(400)])
+    small = Task("small", scale, 3, factor=2)
+    pickler = intake_module._RunSpecPickler()
+    big_spec, small_spec = pickler(node), pickler(small)
+    assert isinstance(big_spec, codec.ZlibPickledBytes)
+    assert len(big_spec.data) < len(big_spec.pickle_bytes) / 2
+    assert type(small_spec) is codec.PickledBytes
+    assert worker_side_run_spec(TaskSpec("big", (), big_spec, {})) == node
+    assert worker_side_run_spec(TaskSpec("small", (), small_spec, {}))() == 6
+
+
+def test_small_buffers_go_in_the_pickle_and_big_ones_out_of_band() -> None:
+    small, big = np.arange(10), np.arange(100_000)
+    pickler = intake_module._RunSpecPickler()
+    small_spec = pickler(Task("small", np.sum, small))
+    big_spec = pickler(Task("big", np.sum, big))
+    assert small_spec.buffers == ()
+    assert [memoryview(b).nbytes for b in big_spec.buffers] == [big.nbytes]
+    assert worker_side_run_spec(TaskSpec("small", (), small_spec, {}))() == small.sum()
+    assert worker_side_run_spec(TaskSpec("big", (), big_spec, {}))() == big.sum()
 
 
 def test_run_spec_mentioning_main_elsewhere_takes_distributeds_path() -> None:

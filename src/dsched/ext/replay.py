@@ -8,7 +8,7 @@ others inherited), then ``get_runspec(key)`` for that task's run_spec, holds its
 dependencies with an empty ``update-graph``, gathers them and runs the task in the client
 process, where it raises the task's exception. ``recreate_task_locally`` does the same for
 any task. Dask answers ``ToPickle(ts.run_spec)``, which the client unpickles on receipt;
-dsched keeps every run_spec pickled from intake on (a ``Pickled`` payload, exactly what a
+dsched keeps every run_spec pickled from intake on (a ``PickledBytes`` payload, what a
 compute-task carries to the workers), so the stored payload is the answer as it is.
 Scattered data has no run_spec: the answer is ``None``, as Dask's ``ToPickle(None)``. An
 unknown key raises ``KeyError``, as Dask's ``tasks[key]``.

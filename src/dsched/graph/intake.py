@@ -22,7 +22,9 @@ The real scheduler (``Scheduler.update_graph`` / ``_materialize_graph``) turns t
    ``dask.order.order(dsk)``.
 4. **Prepare each task for the wire**: its dependencies, its merged annotations (global
    ones, callables evaluated on the key, overridden by per-layer ones) and its GraphNode
-   pickled once, as ``compute-task.run_spec`` will carry it to a ``dask worker``.
+   pickled once, as ``compute-task.run_spec`` will carry it to a ``dask worker``: a
+   ``PickledBytes`` (48 bytes besides the pickle), zlib-compressed from 1 KB on (which
+   the worker's ``loads`` undoes).
 
 Pickling dominates for many small tasks: ``distributed.protocol.pickle.dumps`` falls
 back to cloudpickle for a whole Task as soon as its function lives in ``__main__``, and
@@ -30,6 +32,15 @@ then re-pickles that function by value for every task (~30 us each). ``_RunSpecP
 pickles each such function or class by value once per graph and embeds those bytes in
 every task's plain (C) pickle as ``pickle.loads(<bytes>)``; the worker unpickles an
 equivalent Task. Anything the plain pickler cannot handle takes distributed's own path.
+
+Why pickle here rather than keep the GraphNodes and pickle each when it is dispatched (as
+Dask does)? Memory, measured (``benchmarks/results/memory-2026-12-02``): kept GraphNodes
+retain 1.40 KB a task on xarray-25 and 0.51 KB on tree-14, the pickles 0.67 KB and 0.19 KB
+(plus a 48-byte ``PickledBytes`` each; buffers under 1 KB copied into the pickle, pickles
+over 1 KB zlib-compressed), so the pickles are smaller although they cannot share objects
+between tasks; and pickling here keeps 5-8 us a task off the event loop. A task that cannot
+be pickled fails its graph at intake with the pickler's own exception (Dask fails later, at
+dispatch, by breaking the worker's connection: ``tests/integration/test_unpicklable_task.py``).
 
 The module does no I/O, starts no event loop, logs nothing and reads no clock; the server
 runs ``intake_update_graph`` in a worker thread because it is CPU-bound.
@@ -61,7 +72,7 @@ from distributed.protocol.serialize import merge_and_deserialize
 from distributed.shuffle._core import P2PBarrierTask
 from distributed.utils import ensure_memoryview
 
-from dsched.wire.codec import Pickled
+from dsched.wire.codec import PickledBytes
 
 __all__ = ["GraphIntake", "GraphIntakeError", "TaskSpec", "intake_update_graph"]
 
@@ -75,6 +86,7 @@ DESERIALIZATION_ERROR_TEXT = textwrap.dedent(
 """
 )
 
+
 @dataclass(slots=True)
 class TaskSpec:
     key: Key
@@ -82,7 +94,7 @@ class TaskSpec:
     # the scheduler already holds from earlier graphs).
     dependencies: tuple[Key, ...]
     # The GraphNode pickled once here; sent verbatim as compute-task.run_spec.
-    run_spec: Pickled
+    run_spec: PickledBytes
     # Global annotations overridden by per-layer ones, callables evaluated on the key.
     # Never mutated: tasks with identical annotations share one dict.
     annotations: dict[str, Any]
@@ -123,7 +135,9 @@ def intake_update_graph(msg: Mapping[str, Any]) -> GraphIntake:
         raise
     except Exception as error:
         raise GraphIntakeError(error) from error
-    return GraphIntake(tasks=tasks, order=dict(order), shuffle_specs=shuffle_specs)
+    # dask.order and the codec both give a dict already: a copy would cost ~80 bytes a task.
+    order = order if type(order) is dict else dict(order)
+    return GraphIntake(tasks=tasks, order=order, shuffle_specs=shuffle_specs)
 
 
 # --- step 1: deserialize ------------------------------------------------------------
@@ -382,10 +396,22 @@ class _RunSpecPickler:
         return _EmbeddingPickler(
             self._file,
             self._by_value,
-            buffer_callback=lambda b: self._buffers.append(ensure_memoryview(b)),
+            buffer_callback=self._out_of_band,
         )
 
-    def __call__(self, node: GraphNode) -> Pickled:
+    def _out_of_band(self, buffer: pickle.PickleBuffer) -> bool:
+        """Keep a big buffer out of band (no copy); a small one goes in the pickle (True).
+
+        Out of band, a buffer costs a memoryview (184 bytes) and keeps its array alive,
+        and a pickle with buffers is not compressed: xarray-25's fused tasks each carry an
+        empty array, so all 8,760 of them stayed uncompressed (3.4 KB each) that way."""
+        view = ensure_memoryview(buffer)
+        if view.nbytes < _IN_BAND_BELOW:
+            return True
+        self._buffers.append(view)
+        return False
+
+    def __call__(self, node: GraphNode) -> PickledBytes:
         buffers = self._buffers = []
         try:
             data = self._dumps_plain(node)
@@ -398,7 +424,8 @@ class _RunSpecPickler:
             data = distributed_pickle.dumps(  # type: ignore[no-untyped-call]
                 node, protocol=5, buffer_callback=lambda b: buffers.append(ensure_memoryview(b))
             )
-        return Pickled.from_bytes(data, buffers)
+        # A big pickle is kept compressed (~60 % of its size on fused array tasks).
+        return PickledBytes.compact(data, tuple(buffers))
 
     def _dumps_plain(self, node: GraphNode) -> bytes | None:
         file, pickler = self._file, self._pickler
@@ -424,7 +451,7 @@ class _EmbeddingPickler(pickle.Pickler):
         self,
         file: io.BytesIO,
         by_value: dict[int, tuple[Any, tuple[Any, ...] | None, int]],
-        buffer_callback: Callable[[pickle.PickleBuffer], None],
+        buffer_callback: Callable[[pickle.PickleBuffer], bool],
     ) -> None:
         super().__init__(file, protocol=5, buffer_callback=buffer_callback)
         self._by_value = by_value
@@ -450,6 +477,9 @@ class _EmbeddingPickler(pickle.Pickler):
         self.embedded_main_mentions += entry[2]
         return reduction
 
+
+# Out-of-band buffers smaller than this are copied into the pickle instead (see above).
+_IN_BAND_BELOW = 1024
 
 # Bytes of pickle above which the pickler is replaced rather than cleared (see above).
 _RENEW_PICKLER_AFTER = 4096

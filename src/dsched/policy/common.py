@@ -15,8 +15,8 @@ then asks the subclass to ``schedule()`` what is pending and, if the policy stea
 * Tasks: ``pending`` holds ready tasks not decided yet (``TaskCancelled`` drops them);
   ``placed`` maps an assigned task to its worker. The runtime sends one ``TaskDone`` per
   assignment and a ``StealResult`` per ``Steal``, so the model only counts.
-* Graph: ``TaskAdded`` events build ``dependencies``/``dependents`` maps and a b-level
-  (longest path to a sink, in tasks) computed per announced batch in O(tasks + edges).
+* Graph: ``TaskAdded`` events build the ``dependencies`` map and a b-level (longest path
+  to a sink, in tasks) computed per announced batch in O(tasks + edges).
   ``TaskForgotten`` drops a task's records.
 * Restrictions: ``candidates(event)`` returns None for an unrestricted task (any running
   worker) or the running workers that satisfy ``allowed``/``resources`` (falling back to any
@@ -189,7 +189,6 @@ class BasePolicy:
         self.in_flight: dict[int, int] = {}  # task -> thief, for steals not answered yet
         self.unstealable: set[int] = set()
         self.dependencies: dict[int, tuple[int, ...]] = {}
-        self.dependents: dict[int, set[int]] = {}
         self.blevel: dict[int, int] = {}
         self.now = 0.0
         # distributed.scheduler.bandwidth until the runtime measures it (BandwidthMeasured).
@@ -479,21 +478,27 @@ class BasePolicy:
         self._reindex(worker)
 
     def _graph_added(self, added: list[TaskAdded]) -> None:
-        """Record the new tasks and compute their b-levels (longest path to a sink)."""
-        dependents = self.dependents
+        """Record the new tasks and compute their b-levels (longest path to a sink).
+
+        Dependents are counted within the batch only and not kept: a new task's dependents
+        are all in its batch or later ones, and a later batch reaches older tasks through
+        ``dependencies``. (A set of dependents per task, kept, cost ~300 bytes a task.)
+        """
         batch = {event.task for event in added}
+        # How many of the batch's tasks depend on each of its tasks (ids are unique, so a
+        # task's dependencies hold no duplicates).
+        remaining = dict.fromkeys(batch, 0)
         for event in added:
             self.dependencies[event.task] = event.dependencies
-            dependents.setdefault(event.task, set())
             for dep in event.dependencies:
-                dependents.setdefault(dep, set()).add(event.task)
+                if dep in remaining:
+                    remaining[dep] += 1
             self.on_added(event)
         # Kahn's algorithm from the sinks of the batch towards its sources.
-        remaining = {t: sum(1 for d in dependents[t] if d in batch) for t in batch}
         blevel = self.blevel
         stack = [t for t, n in remaining.items() if n == 0]
         for task in stack:
-            blevel[task] = 1 + max((blevel.get(d, 0) for d in dependents[task]), default=0)
+            blevel[task] = 1  # a sink of the batch: no task depends on it yet
         while stack:
             task = stack.pop()
             level = blevel[task]
@@ -509,11 +514,7 @@ class BasePolicy:
 
     def _forget(self, task: int) -> None:
         self.pending.pop(task, None)
-        for dep in self.dependencies.pop(task, ()):
-            siblings = self.dependents.get(dep)
-            if siblings is not None:
-                siblings.discard(task)
-        self.dependents.pop(task, None)
+        self.dependencies.pop(task, None)
         self.blevel.pop(task, None)
         self.unstealable.discard(task)
         if self.replicas.pop(task, None) is not None:

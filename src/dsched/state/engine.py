@@ -45,6 +45,7 @@ Pure: time comes in as ``now`` (``_now``), log lines and messages go out in the 
 from __future__ import annotations
 
 import pickle
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -70,6 +71,7 @@ from dsched.state.messages import CancelledKeys, KeyInMemory, TaskErred
 from dsched.state.outbox import Outbox
 from dsched.state.records import (
     NOBODY,
+    NOTHING,
     NOWHERE,
     ClientState,
     Key,
@@ -257,7 +259,7 @@ class Engine:
             if ts in dts.waiters:
                 dts.waiters.discard(ts)
                 self._release_if_unneeded(dts, recs)
-        ts.waiting_on.clear()
+        ts.waiting_on = NOTHING
 
     # ------------------------------------------------------------------ transitions
     def _released_waiting(self, ts: TaskState, recs: Recommendations, out: Outbox) -> None:
@@ -271,15 +273,19 @@ class Engine:
                 self._to_erred(ts, recs, out)
                 return
         self._move(ts, WAITING, out)
+        # A set of its own only if it waits for something (root tasks never do).
+        waiting = ts.waiting_on if isinstance(ts.waiting_on, set) else set()
         for dts in ts.dependencies:
             dts.waiters.add(ts)
             if dts.state != MEMORY:
-                ts.waiting_on.add(dts)
+                waiting.add(dts)
                 if dts.state == RELEASED and recs.get(dts) != ERRED:
                     # An input about to err (KilledWorker when its worker died) is released
                     # only on the way to erred: keep that; erring reaches ``ts`` too.
                     recs[dts] = WAITING
-        if not ts.waiting_on:
+        if waiting:
+            ts.waiting_on = waiting
+        else:
             recs[ts] = READY
 
     def _waiting_ready(self, ts: TaskState, recs: Recommendations, out: Outbox) -> None:
@@ -394,7 +400,7 @@ class Engine:
             out.free_keys(ws.address, ts.key, self._stimulus_id)
             if self._replica_removed_events:
                 out.policy.append(policy.ReplicaRemoved(ts.id, ws.id))
-        ts.who_has.clear()
+        ts.who_has = NOTHING
 
     def _erred_released(self, ts: TaskState, recs: Recommendations, out: Outbox) -> None:
         self._forget_error(ts, out)
@@ -415,7 +421,7 @@ class Engine:
             dts.waiters.discard(ts)
             self._release_if_unneeded(dts, recs)
         ts.dependencies.clear()
-        ts.waiting_on.clear()
+        ts.waiting_on = NOTHING
         self._move(ts, FORGOTTEN, out)
         if self.unqueueable:
             self.unqueueable.discard(ts)
@@ -478,7 +484,10 @@ class Engine:
             if dts.state in RUNNABLE:
                 recs[dts] = WAITING  # restart: its input must be computed again
             elif dts.state == WAITING:
-                dts.waiting_on.add(ts)
+                waiting = dts.waiting_on
+                if not isinstance(waiting, set):
+                    waiting = dts.waiting_on = set()
+                waiting.add(ts)
         self._move(ts, RELEASED, out)
         self._settle_released(ts, recs)
 
@@ -540,7 +549,10 @@ class Engine:
 
     # ------------------------------------------------------------------ replicas
     def _add_replica(self, ts: TaskState, ws: WorkerState) -> None:
-        ts.who_has.add(ws)
+        holders = ts.who_has
+        if not isinstance(holders, set):
+            holders = ts.who_has = set()
+        holders.add(ws)
         ws.has_what.add(ts)
 
     def _replica_arrived(self, ts: TaskState, ws: WorkerState, out: Outbox) -> None:
@@ -601,7 +613,9 @@ class Engine:
 
     def _new_task(self, key: Key, run_spec: object, annotations: Any) -> TaskState:
         ts = TaskState(key, self._next_task_id, run_spec, annotations)
-        ts.prefix = key_split(key)
+        # One string per prefix, not one per task (~50 bytes a task beyond the 100k keys
+        # whose results key_split's cache keeps); freed with its tasks.
+        ts.prefix = sys.intern(key_split(key))
         self._next_task_id += 1
         self.tasks[key] = ts
         self._tasks_by_id[ts.id] = ts

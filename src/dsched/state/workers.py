@@ -25,7 +25,7 @@ from dsched.state import events as ev
 from dsched.state.edges import ERRED, MEMORY, PROCESSING, READY, RELEASED, WAITING
 from dsched.state.engine import Engine, Recommendations
 from dsched.state.outbox import Outbox
-from dsched.state.records import TaskState, WorkerState
+from dsched.state.records import NOTHING, TaskState, WorkerState
 
 
 class WorkerEvents(Engine):
@@ -144,7 +144,11 @@ class WorkerEvents(Engine):
             if ts.actor:
                 ws.actors.add(ts)  # the actor lives here now
         else:
-            ts.who_has.add(ws)  # (``_add_replica`` inlined, as the calls below: hot path)
+            # (``_add_replica`` inlined, as the calls below: hot path)
+            holders = ts.who_has
+            if not isinstance(holders, set):
+                holders = ts.who_has = set()
+            holders.add(ws)
             ws.has_what.add(ts)
         if ts.who_wants:
             self._report_memory(ts, out)
@@ -152,6 +156,7 @@ class WorkerEvents(Engine):
             if dts.state == WAITING:
                 dts.waiting_on.discard(ts)
                 if not dts.waiting_on:
+                    dts.waiting_on = NOTHING  # (frees the set: 216 bytes)
                     recs[dts] = READY
         for dts in ts.dependencies:
             dts.waiters.discard(ts)
@@ -248,7 +253,6 @@ class WorkerEvents(Engine):
             return
         recs = {ts: WAITING}
         self._run(recs, out)
-
 
     def _bandwidth_reported(self, event: ev.BandwidthReported, out: Outbox) -> None:
         """Dask's ``heartbeat_worker`` rule: blend each heartbeat's estimate in with weight
