@@ -201,6 +201,7 @@ def test_parts_follow_dependencies_when_the_priorities_do_not() -> None:
     order = {"c": 0, "b": 1, "a": 2, "d": 3}
     parts = graph_parts(graph_event(graph, ["c", "d"], order), size=1)
     assert [part.tasks[0].key for part in parts] == ["a", "b", "c", "d"]
+    assert [part.order for part in parts] == [{"a": 2}, {"b": 1}, {"c": 0}, {"d": 3}]
     harness = new_harness()
     for part in parts:
         harness.step(part)

@@ -194,8 +194,9 @@ class Streams:
         restarts_before = self.lifecycle.restarts
         loop = asyncio.get_running_loop()
         try:
+            tracing = self.reactor.trace is not None
             intake, parts = await loop.run_in_executor(
-                self._intake, _take_in, self.freezer, client, keys, msg
+                self._intake, _take_in, self.freezer, client, keys, msg, tracing
             )
         except GraphIntakeError as exc:
             logger.info("graph from %s failed: %r", client, exc.exception)
@@ -207,7 +208,11 @@ class Streams:
             logger.exception("graph intake from %s failed", client)
             self.reactor.handle(ev.GraphFailed(client, keys, pickled_exception(exc), None))
             return
-        for part in parts:
+        big = len(parts) > 1
+        parts.reverse()
+        while parts:
+            # Popped, so that each part's specs are freed once the state has taken it in.
+            part = parts.pop()
             if part.part:
                 # One loop iteration between parts: heartbeats and every other peer are
                 # served while a big graph comes in (dsched.state.slicing).
@@ -221,10 +226,10 @@ class Streams:
                 logger.info("dropping a graph from %s submitted before a restart", client)
                 return
             self.reactor.handle(part)
-            if len(parts) > 1:
+            if big:
                 self.freezer.freeze()
         trace = self.reactor.trace
-        if trace is not None:
+        if trace is not None and tracing:
             trace.graph(client, intake, keys, arrived, time.time())
 
     # ------------------------------------------------------------------ workers
@@ -297,9 +302,11 @@ class Streams:
 
 
 def _take_in(
-    freezer: GraphFreezer, client: str, keys: list[Any], msg: dict[str, Any]
+    freezer: GraphFreezer, client: str, keys: list[Any], msg: dict[str, Any], tracing: bool
 ) -> tuple[GraphIntake, list[ev.GraphReceived]]:
-    """Run in the intake thread: the graph, as the parts the state machine takes in."""
+    """Run in the intake thread: the graph, as the parts the state machine takes in; the
+    intake's own task dict and priorities only for the tracer (they would double the
+    specs' lifetime otherwise)."""
     with freezer.intake():
         intake = intake_update_graph(msg)
         fifo_timeout = msg.get("fifo_timeout", 0)
@@ -316,5 +323,9 @@ def _take_in(
         )
         parts = graph_parts(whole)
         if len(parts) > 1:
+            del whole  # (each part has its own tasks and priorities)
+            if not tracing:
+                intake.tasks.clear()
+                intake.order.clear()
             freezer.freeze()
     return intake, parts

@@ -91,10 +91,13 @@ def graph_parts(event: ev.GraphReceived, size: int = PART_SIZE) -> list[ev.Graph
     parts = []
     for part in range(count):
         final = part == count - 1
+        tasks = specs[part * size : (part + 1) * size]
         parts.append(
             dataclasses.replace(
                 event,
-                tasks=specs[part * size : (part + 1) * size],
+                tasks=tasks,
+                # Its own priorities only, so that each part, once taken in, frees its share.
+                order={spec.key: event.order.get(spec.key, 0) for spec in tasks},
                 part=part,
                 hold=None if final else holds[part],
                 release=() if final else releases[part],
