@@ -239,3 +239,24 @@ def test_a_cycle_is_refused_when_the_parts_are_cut() -> None:
     graph = {"a": ("b",), "b": ("a",), "c": ()}
     with pytest.raises(ValueError, match="cycle"):
         graph_parts(graph_event(graph, ["a"], {"a": 0, "b": 1, "c": 2}), size=1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_dashboards_prefix_counts_stay_exact_through_parts_and_failures(seed: int) -> None:
+    """``validate()`` (after every step) recounts them while they are kept."""
+    graph, keys = random_graph(seed, 50)
+    graph = {
+        f"{'xy'[i % 2]}-{key}": tuple(f"{'xy'[int(d[1:]) % 2]}-{d}" for d in deps)
+        for i, (key, deps) in enumerate(graph.items())
+    }
+    keys = [f"{'xy'[int(k[1:]) % 2]}-{k}" for k in keys]
+    harness = new_harness()
+    harness.state.count_prefixes(True)
+    for part in graph_parts(graph_event(graph, keys), size=6):
+        harness.step(part)
+        finish_some(harness, 2)
+    failing = sorted(harness.processing())[:2]
+    harness.run_until_idle(fail=failing)
+    harness.step(ev.ClientReleasesKeys("c", keys))
+    counts = harness.state.prefix_counts
+    assert counts is not None and set(counts) == {"x", "y"}

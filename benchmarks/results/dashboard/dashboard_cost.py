@@ -22,6 +22,13 @@ conditions. Chromium is killed by its process group after each run.
 ``--micro`` times ``build_snapshot`` + JSON encoding in-process for 10 to 1,000 workers
 and 100k tasks over 200 prefixes (what one snapshot a second costs, whatever the viewers).
 
+``--core`` isolates the per-task part, without processes, sockets or a browser: the pure
+``Core`` (default policy, 8 workers) runs merge-25k as ``benchmarks/state_hotpath.py``
+does (50 results per tick, each message with ``startstops`` and ``thread`` as a worker's),
+with the dashboard observer stopped (no page) and started (a page open: per-prefix counts
+and task-stream results), interleaved, ``--repeats`` times; the process CPU of the run
+(graph intake to last result) per condition, and the paired difference.
+
 Writes ``results.json`` (every run) and ``results.md`` (medians, min-max) to ``--out``.
 """
 
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import re
@@ -160,10 +168,16 @@ def summarize(records: list[dict[str, Any]]) -> str:
         f"# Dashboard cost: {WORKLOAD}, zero-{ZERO_WORKERS}, 0 vs {PAGES} `/status` pages open",
         "",
         "| scheduler | tabs | runs | scheduler CPU s, median (min-max) | makespan s, median "
-        "(min-max) | CPU vs no browser |",
+        "(min-max) | CPU vs no browser: of the medians; paired median (repeats) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     baseline: dict[str, float] = {}
+    # The no-browser CPU of each repeat, for the paired ratios.
+    alone = {
+        (r["scheduler"], r["repeat"]): r["scheduler_cpu_s"]
+        for r in records
+        if r["pages"] == 0 and r["status"] == "ok" and "scheduler_cpu_s" in r
+    }
     for scheduler, pages, page in CONDITIONS:
         if not any(r["scheduler"] == scheduler for r in records):
             continue
@@ -183,9 +197,15 @@ def summarize(records: list[dict[str, Any]]) -> str:
         median = statistics.median(cpu)
         if pages == 0:
             baseline[scheduler] = median
+        paired = [
+            r["scheduler_cpu_s"] / alone[scheduler, r["repeat"]] - 1
+            for r in ok
+            if (scheduler, r["repeat"]) in alone
+        ]
         ratio = (
-            f"{100 * (median / baseline[scheduler] - 1):+.1f}%"
-            if pages and scheduler in baseline
+            f"{100 * (median / baseline[scheduler] - 1):+.1f}%; "
+            f"{100 * statistics.median(paired):+.1f}% ({len(paired)})"
+            if pages and scheduler in baseline and paired
             else ""
         )
         lines.append(
@@ -210,7 +230,7 @@ def micro() -> str:
     sys.path.insert(0, str(HERE.parents[2] / "tests" / "unit"))
     from harness import Harness  # the unit tests' in-memory scheduler
 
-    from dsched.http.dashboard_data import PrefixProgress, SchedulerSamples, build_snapshot
+    from dsched.http.dashboard_data import DashboardObserver, SchedulerSamples, build_snapshot
 
     lines = [
         "| workers | tasks | prefixes | build + encode ms (median of 20) | bytes |",
@@ -221,10 +241,10 @@ def micro() -> str:
         for w in range(n_workers):
             h.add_worker(f"tcp://10.0.{w // 250}.{w % 250}:9000", nthreads=4, memory_limit=8 << 30)
         h.add_client()
-        progress = PrefixProgress()
+        progress = DashboardObserver()
         h.core.add_extension(progress)
         progress.start()
-        h.core.set_observations(progress, PrefixProgress.observes, transitions=True)
+        h.core.set_observations(progress, progress.observations, transitions=False)
         h.submit({f"p{i % 200}-{i}": [] for i in range(100_000)}, [])
         h.submit(
             {f"p{i % 200}-{i}": [] for i in range(100_000)},
@@ -255,15 +275,116 @@ def micro() -> str:
     return "\n".join(lines) + "\n"
 
 
+def core_run(observed: bool, n: int = 25_000, workers: int = 8, batch: int = 50) -> float:
+    """CPU seconds of merge-``n`` through the pure core, the dashboard observer started or
+    not (see the module doc)."""
+    from collections import deque
+
+    from dsched.core import Core
+    from dsched.http.dashboard_data import DashboardObserver
+    from dsched.policy import PolicyConfig, make_policy
+    from dsched.server.errors import killed_worker
+    from dsched.sim import graphs
+    from dsched.state import events as ev
+    from dsched.state.machine import SchedulerState
+
+    graph = graphs.merge(n)
+    state = SchedulerState(killed_worker=killed_worker)
+    observer = DashboardObserver()
+    core = Core(state, make_policy("dask", PolicyConfig()), [observer])
+    if observed:
+        observer.start()
+        core.set_observations(observer, observer.observations, transitions=False)
+    pending: deque[tuple[str, Any, Any]] = deque()
+
+    def settle(now: float) -> None:
+        for address, messages in core.flush(now).out.to_workers.items():
+            pending.extend(
+                (address, m["key"], m["run_id"]) for m in messages if m["op"] == "compute-task"
+            )
+
+    for i in range(workers):
+        core.handle(ev.WorkerConnected(f"tcp://127.0.0.1:{10000 + i}", 1), 0.0)
+    core.handle(ev.ClientConnected("client"), 0.0)
+    settle(0.0)
+    tasks = [ev.NewTask(t.key, t.dependencies, b"run-spec", {}) for t in graph.tasks.values()]
+    now = 0.0
+    gc.collect()  # not the previous run's garbage: a full collection costs 0.1-0.3 s here
+    start = time.process_time()
+    core.handle(ev.GraphReceived("client", tasks, graph.keys, graph.order), now)
+    settle(now)
+    while pending:
+        now += 0.001
+        for _ in range(min(batch, len(pending))):
+            address, key, run_id = pending.popleft()
+            stimulus_id = f"task-finished-{now}"
+            msg = {
+                "op": "task-finished",
+                "key": key,
+                "status": "OK",
+                "nbytes": 8,
+                "thread": 1,
+                "startstops": [{"action": "compute", "start": now, "stop": now + 0.0005}],
+                "stimulus_id": stimulus_id,
+            }
+            core.handle(
+                ev.TaskFinished(address, key, run_id, 8, stimulus_id=stimulus_id, msg=msg), now
+            )
+        settle(now)
+    cpu = time.process_time() - start
+    assert not observed or observer.index == len(graph), observer.index
+    return cpu
+
+
+def core_benchmark(repeats: int) -> str:
+    from dsched.cli import tune_garbage_collector
+
+    tune_garbage_collector()  # as the scheduler process does
+    runs: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(repeats):
+        for observed in (False, True):
+            runs[observed].append(core_run(observed))
+    diffs = [on - off for off, on in zip(runs[False], runs[True], strict=True)]
+    ratios = [on / off - 1 for off, on in zip(runs[False], runs[True], strict=True)]
+    lines = [
+        "| dashboard observer | runs | CPU s, median (min-max) | paired median vs stopped |",
+        "|---|---:|---:|---:|",
+    ]
+    for observed, label in ((False, "stopped (no page)"), (True, "started (a page open)")):
+        cpu = runs[observed]
+        extra = (
+            f"+{1e3 * statistics.median(diffs):.1f} ms ({100 * statistics.median(ratios):+.1f}%)"
+            if observed
+            else ""
+        )
+        lines.append(
+            f"| {label} | {len(cpu)} | {statistics.median(cpu):.3f} "
+            f"({min(cpu):.3f}-{max(cpu):.3f}) | {extra} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--schedulers", default="dsched,dask")
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--micro", action="store_true", help="only the snapshot micro-benchmark")
+    parser.add_argument("--core", action="store_true", help="only the in-process per-task cost")
+    parser.add_argument(
+        "--summarize", action="store_true", help="only rewrite results.md from results.json"
+    )
     args = parser.parse_args()
+    if args.summarize:
+        runs = json.loads((args.out / "results.json").read_text())["runs"]
+        (args.out / "results.md").write_text(summarize(runs))
+        print(summarize(runs))
+        return
     if args.micro:
         print(micro())
+        return
+    if args.core:
+        print(core_benchmark(args.repeats))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     from dsched.bench.runner import machine_info

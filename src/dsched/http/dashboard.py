@@ -10,16 +10,20 @@ dashboard works under ``--dashboard-prefix`` or behind a proxy that strips one:
 
 * ``dashboard/snapshot.json``: ``SnapshotCache`` (``dashboard_data.py``), built at most
   once a second whatever the number of viewers.
-* ``dashboard/task-stream.json?since=<cursor>``: the bars after the viewer's cursor.
+* ``dashboard/task-stream.json?since=<cursor>``: the bars after the viewer's cursor
+  (``TaskStreamFeed``, brought up to date at most once a second).
 
-Nothing runs for a dashboard nobody opened: the first request to any dashboard route
-starts the per-prefix counts (``PrefixProgress.start``, then transitions observed), the
-task stream (``get_task_stream_index``, whose ``Observe`` effect subscribes it to task
-results) and ``LoopMonitor``. The monitor samples the scheduler's CPU (process CPU time
-over wall time) and its event-loop lag (how late a timer due every ``PROBE_INTERVAL``
-fires) and stops itself once no dashboard request came for ``IDLE_STOP`` seconds. The
-counts and the task stream, once started, stay on (as Dask's task stream plugin does):
-their cost is per task result and small (see ``benchmarks/results/dashboard``).
+Nothing runs for a dashboard nobody is looking at: a request to any dashboard route
+starts what the views need, if it is not running: the per-prefix counts and the results
+for the task stream (``DashboardObserver.start``, then ``TaskFinished`` observed) and
+``LoopMonitor``. The monitor samples the scheduler's CPU (process CPU time over wall time)
+and its event-loop lag (how late a timer due every ``PROBE_INTERVAL`` fires); once no
+dashboard request came for ``IDLE_STOP`` seconds (every open page polls once a second) it
+stops itself and the observer (``Dashboard.deactivate``), so a closed dashboard costs
+nothing per task. The next request starts both again: the counts from one recount of the
+tasks, the task stream from where its cursor was (the results while nobody looked are
+simply not there). What a page costs while open is measured in
+``benchmarks/results/dashboard``.
 
 ``/individual-plots.json`` lists the views under Dask's display names (Dask's rule: the
 route without its slash, dashes as spaces, title case), for dask-labextension; it is
@@ -30,15 +34,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil  # type: ignore[import-untyped]  # no types-psutil installed
 from tornado import web
 
-from dsched.ext.task_stream import TaskStream
 from dsched.http.dashboard_data import (
-    PrefixProgress,
+    DashboardObserver,
     SchedulerSamples,
     SnapshotCache,
     TaskStreamFeed,
@@ -51,7 +55,7 @@ if TYPE_CHECKING:
 STATIC = Path(__file__).parent / "dashboard"
 PROBE_INTERVAL = 0.1  # seconds between loop-lag probes
 SAMPLE_INTERVAL = 1.0  # seconds between CPU / lag samples
-IDLE_STOP = 60.0  # the monitor stops this long after the last dashboard request
+IDLE_STOP = 60.0  # seconds after the last request: the monitor and the observer stop
 
 # Dask's individual-plot routes that dsched draws (distributed/dashboard/scheduler.py).
 # The view id dashboard.js draws is the route without "individual-".
@@ -81,10 +85,18 @@ def individual_plots() -> dict[str, str]:
 
 class LoopMonitor:
     """Scheduler CPU and event-loop lag, one sample a second into ``samples``, while the
-    dashboard is in use."""
+    dashboard is in use; ``on_idle`` is called when it stops itself, ``idle_stop`` seconds
+    after the last ``touch``."""
 
-    def __init__(self, samples: SchedulerSamples) -> None:
+    def __init__(
+        self,
+        samples: SchedulerSamples,
+        on_idle: Callable[[], None] = lambda: None,
+        idle_stop: float = IDLE_STOP,
+    ) -> None:
         self.samples = samples
+        self.on_idle = on_idle
+        self.idle_stop = idle_stop
         self.last_request = 0.0
         self._handle: asyncio.TimerHandle | None = None
         self._process = psutil.Process()
@@ -118,8 +130,9 @@ class LoopMonitor:
             self.samples.add(time.time(), (cpu - self._cpu_start) / elapsed, self._max_lag)
             self.samples.rss = int(self._process.memory_info().rss)
             self._window_start, self._cpu_start, self._max_lag = now, cpu, 0.0
-        if now - self.last_request > IDLE_STOP:
+        if now - self.last_request > self.idle_stop:
             self._handle = None
+            self.on_idle()
             return
         self._arm(loop)
 
@@ -134,30 +147,28 @@ class Dashboard:
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
-        self.progress = PrefixProgress()
-        scheduler.core.add_extension(self.progress)
-        stream = scheduler.core.extensions["task-stream"]
-        assert isinstance(stream, TaskStream)
-        self.task_stream = stream
+        self.observer = DashboardObserver()
+        scheduler.core.add_extension(self.observer)
         self.feed = TaskStreamFeed()
         self.samples = SchedulerSamples()
-        self.monitor = LoopMonitor(self.samples)
+        self.monitor = LoopMonitor(self.samples, self.deactivate)
         self.cache = SnapshotCache(self._build)
 
     def activate(self) -> None:
-        """A dashboard request came: start what the views need (once), keep sampling."""
-        if self.progress.start():
-            # Its errors as before, and from now on every task transition.
-            self.scheduler.core.set_observations(
-                self.progress, PrefixProgress.observes, transitions=True
-            )
+        """A dashboard request came: start what the views need (if stopped), keep sampling."""
+        if self.observer.start():
+            self._observe()
         self.monitor.touch()
 
-    async def start_task_stream(self) -> None:
-        if not self.task_stream.active:
-            # Through the core, as a client's get_task_stream would: its Observe effect
-            # subscribes the task stream to task results.
-            await self.scheduler.reactor.request("get_task_stream_index", "http-dashboard", {})
+    def deactivate(self) -> None:
+        """Nobody looked for ``IDLE_STOP`` seconds: stop the per-task work."""
+        if self.observer.stop():
+            self._observe()
+
+    def _observe(self) -> None:
+        self.scheduler.core.set_observations(
+            self.observer, self.observer.observations, transitions=False
+        )
 
     def _build(self, now: float) -> dict[str, Any]:
         scheduler = self.scheduler
@@ -165,11 +176,10 @@ class Dashboard:
             address: (record.metrics, record.last_seen)
             for address, record in scheduler.reactor.workers.items()
         }
-        self.feed.update(self.task_stream)
         return build_snapshot(
             scheduler.state,
             heartbeats,
-            self.progress,
+            self.observer,
             self.samples,
             now,
             address=scheduler.address,
@@ -182,6 +192,7 @@ class Dashboard:
 
     def stop(self) -> None:
         self.monitor.stop()
+        self.deactivate()
 
 
 class DashboardHandler(web.RequestHandler):
@@ -220,7 +231,7 @@ class SnapshotHandler(DashboardHandler):
 
 
 class TaskStreamHandler(DashboardHandler):
-    async def get(self) -> None:
+    def get(self) -> None:
         dashboard = self.dashboard
         assert dashboard is not None
         since = self.get_query_argument("since", None)
@@ -233,8 +244,7 @@ class TaskStreamHandler(DashboardHandler):
                 self.write({"Error": f"'since' must be an integer cursor, got {since!r}"})
                 return
         dashboard.activate()
-        await dashboard.start_task_stream()
-        dashboard.feed.update(dashboard.task_stream)
+        dashboard.feed.refresh(dashboard.observer, time.time())
         self.set_header("Content-Type", "application/json")
         self.write(dashboard.feed.since(cursor))
 

@@ -5,32 +5,38 @@ Theory of operation
 -------------------
 Dask's Bokeh dashboard gives every open page its own server-side document, refreshed by
 periodic callbacks on the scheduler's loop, so its cost grows with the viewers and (for
-progress) with the tasks. Here every viewer reads the same data, and no read walks the
-tasks: what is per task is a small update as each task moves, and only once a dashboard
-page was opened.
+progress) with the tasks. Here every viewer reads the same data, no read walks the tasks,
+and what is per task is as small as it can be, and only while a dashboard is in use.
 
-* ``PrefixProgress`` (an extension) keeps ``{prefix: {state: count}}`` up to date from
-  the task transitions, so the progress view costs O(prefixes) to read. It observes
-  nothing until a dashboard page first asks (``start``): then it counts the tasks once
-  (the only pass over every task) and observes transitions from then on. Tasks created
-  since the last batch (task ids are handed out in sequence) enter its counts as
-  ``released``, as the state machine creates them; one created and forgotten within a
-  batch (a task nobody needed) has no id left and is recognised by its moves. It also
-  keeps the last ``MAX_EXCEPTIONS`` task errors with their tracebacks (observing
-  ``TaskErred``, which costs one call per error, never per result), like Dask's
-  ``Scheduler.erred_tasks``.
+* ``DashboardObserver`` (an extension) keeps the last ``MAX_EXCEPTIONS`` task errors with
+  their tracebacks, like Dask's ``Scheduler.erred_tasks`` (it observes ``TaskErred`` from
+  the start: one call per error, never per result). Between ``start`` (a dashboard request
+  came) and ``stop`` (none came for a while, see ``dashboard.py``) it also
+  - has the state machine count tasks per prefix and state (``Engine.count_prefixes``:
+    one pass over the tasks to start, then two dict updates in ``_move`` per move; no
+    transition is reported to Python code for it), so the progress view costs
+    O(prefixes) to read and restarting after a stop costs one recount per viewer
+    session, never per second;
+  - observes ``TaskFinished`` / ``TaskErred`` and keeps the newest ``MAX_BARS`` results
+    as tuples of references (key, worker, thread, the message's ``startstops``): one
+    deque append per result, nothing copied or encoded. ``index`` counts the results ever
+    kept. A result counts as Dask's ``TaskStreamPlugin`` counts it: the event moved its
+    task from processing to memory or erred (read from the newest transition-log entries),
+    and it has ``startstops``. (The task stream extension, which keeps Dask's full
+    records for ``get_task_stream``, is a separate thing a client turns on; the dashboard
+    does not, so its records cost nothing for a dashboard.)
 * ``build_snapshot`` reads the workers, the heartbeats' metrics, the prefix counts and the
   scheduler's own CPU and loop-lag samples: O(workers + prefixes). ``SnapshotCache``
   builds it at most once per ``SNAPSHOT_INTERVAL`` and keeps the encoded bytes, so any
   number of viewers cost one build per second.
-* ``TaskStreamFeed`` turns the task stream extension's new records (Dask's
-  ``TaskStreamPlugin`` records: one per finished or erred task, with its ``startstops``)
-  into bars, each JSON-encoded once and shared by all viewers, indexed like the task stream
-  (``cursor`` = records ever seen). A viewer asks for the bars after its cursor and gets
-  at most the newest ``MAX_BARS`` (Dask's task stream also draws the last 1,000
-  rectangles), so a slow or new viewer never makes the scheduler replay history, and
-  since no reply holds older bars, only the newest ``MAX_BARS`` records of each update are
-  encoded at all: at thousands of tasks a second, the rest cost nothing here.
+* ``TaskStreamFeed`` turns the observer's new results into bars, each JSON-encoded once
+  and shared by all viewers, indexed like the results (``cursor`` = results ever seen),
+  at most once per ``SNAPSHOT_INTERVAL`` whatever the number of viewers (``refresh``). A
+  viewer asks for the bars after its cursor and gets at most the newest ``MAX_BARS``
+  (Dask's task stream also draws the last 1,000 rectangles), so a slow or new viewer
+  never makes the scheduler replay history; only the newest ``MAX_BARS`` results of each
+  update are encoded at all (the observer keeps no more): at thousands of tasks a second,
+  the rest cost one append each.
 
 Names are Dask's: ``queued`` is dsched's ``ready``. Nothing here does I/O or reads a
 clock: ``now`` is passed in; the shell (``dashboard.py``) measures CPU and loop lag.
@@ -40,17 +46,16 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, ClassVar
 
 from dask.utils import key_split
 
-from dsched.ext.protocol import NO_EFFECTS, Effects, Extension, Transition
-from dsched.ext.task_stream import TaskStream
+from dsched.ext.protocol import NO_EFFECTS, Effects, Extension
 from dsched.state import events as ev
-from dsched.state.edges import ERRED, READY, RELEASED, STATES
+from dsched.state.edges import ERRED, MEMORY, PROCESSING, READY
 from dsched.state.machine import SchedulerState
 
 SNAPSHOT_INTERVAL = 1.0  # seconds: the snapshot is rebuilt at most this often
@@ -60,82 +65,76 @@ HISTORY = 300  # scheduler CPU / loop-lag samples kept (one a second: five minut
 DASK_STATE_NAMES = {READY: "queued"}
 # The progress columns, in Dask's names and the order of a task's life.
 PROGRESS_STATES = ("released", "waiting", "queued", "no-worker", "processing", "memory", "erred")
+NO_ENTRY = (None, "", "", "", -1.0)  # no transition log entry
+# One task result as the observer keeps it: (key, worker, thread, startstops, erred).
+Result = tuple[Any, str, Any, Any, bool]
 
 
-class PrefixProgress(Extension):
-    name = "dashboard-progress"
+class DashboardObserver(Extension):
+    """What the dashboard follows in the state (see the module doc): task errors always,
+    results and per-prefix counts between ``start`` and ``stop``."""
+
+    name = "dashboard"
     observes: ClassVar = frozenset({ev.TaskErred})
+    WATCHING: ClassVar = frozenset({ev.TaskErred, ev.TaskFinished})
 
-    def __init__(self, max_exceptions: int = MAX_EXCEPTIONS) -> None:
-        self.counts: dict[str, dict[str, int]] = {}
+    def __init__(self, max_exceptions: int = MAX_EXCEPTIONS, max_results: int = MAX_BARS) -> None:
         self.active = False
         self.exceptions: deque[dict[str, Any]] = deque(maxlen=max_exceptions)
-        self._next_id = 0
+        # The newest results as (key, worker, thread, startstops, erred); ``index`` counts
+        # every result ever recorded (the task stream's cursor).
+        self.results: deque[Result] = deque(maxlen=max_results)
+        self.index = 0
+
+    @property
+    def observations(self) -> frozenset[type]:
+        """What to observe now (the caller passes it to ``Core.set_observations``)."""
+        return self.WATCHING if self.active else self.observes
 
     def start(self) -> bool:
-        """Count every task once; True if this call started the counting (the caller then
-        subscribes this extension to transitions, see ``HttpServer``)."""
+        """Count the tasks once, then follow results and moves; True if this call started
+        (the caller then changes the observations)."""
         if self.active:
             return False
         self.active = True
-        self.counts = {}
-        for ts in self.state.tasks.values():
-            self._row(ts.prefix)[ts.state] += 1
-        self._next_id = self._id_counter()
+        self.state.count_prefixes(True)
         return True
 
-    def _id_counter(self) -> int:
-        # Task ids are handed out in sequence: the count of tasks ever created says which
-        # ids are new since the last look.
-        return int(self.state.tasks_created)
+    def stop(self) -> bool:
+        """Stop following results and moves (nobody looks); True if this call stopped."""
+        if not self.active:
+            return False
+        self.active = False
+        self.state.count_prefixes(False)
+        return True
 
-    def _row(self, prefix: str) -> dict[str, int]:
-        row = self.counts.get(prefix)
-        if row is None:
-            row = self.counts[prefix] = dict.fromkeys(STATES, 0)
-        return row
-
-    def on_transitions(self, transitions: Sequence[Transition], now: float) -> Effects:
-        state = self.state
-        next_id = self._id_counter()
-        gone = 0  # tasks created since the last batch and already forgotten
-        for task_id in range(self._next_id, next_id):
-            ts = state.task_by_id(task_id)
-            if ts is None:
-                gone += 1
-            else:
-                self._row(ts.prefix)[RELEASED] += 1
-        self._next_id = next_id
-        tasks = state.tasks
-        # A task created and forgotten within this batch was never counted as released:
-        # its first move (out of released) must not be taken off. Such tasks are among
-        # the forgotten keys whose first move here leaves released; with ``gone`` of them,
-        # the first ``gone`` such keys are taken for them.
-        first_moves: set[Any] = set()
-        counts = self.counts
-        # This runs for every move of every task while a dashboard is in use: a task's
-        # moves often come one after another, so its row is looked up once for them.
-        last_key: Any = None
-        row: dict[str, int] = {}
-        missing = True
-        for key, start, finish, _ in transitions:
-            if key is not last_key or missing:
-                last_key = key
-                ts = tasks.get(key)
-                missing = ts is None
-                prefix = key_split(key) if ts is None else ts.prefix
-                row = counts.get(prefix) or self._row(prefix)
-                if gone and missing and key not in first_moves:
-                    first_moves.add(key)
-                    if start == RELEASED:
-                        gone -= 1
-                        row[finish] += 1
-                        continue
-            row[start] -= 1
-            row[finish] += 1
-        return NO_EFFECTS
+    @property
+    def counts(self) -> Mapping[str, Mapping[str, int]]:
+        """``{prefix: {state: tasks}}`` (dsched's state names), while started."""
+        return self.state.prefix_counts or {}
 
     def on_event(self, event: ev.Event, now: float) -> Effects:
+        # Once per task result while started: references only, no copy.
+        if type(event) is ev.TaskFinished:
+            msg = event.msg
+            if msg is None or not self.active:
+                return NO_EFFECTS
+            startstops = msg.get("startstops")
+            if not startstops:
+                return NO_EFFECTS
+            # Most results move nothing but their task: then the move is the newest entry.
+            log = self.state.transition_log
+            entry = log[-1] if log else NO_ENTRY  # (the log may be configured empty)
+            if (
+                entry[0] == event.key
+                and entry[2] == MEMORY
+                and entry[1] == PROCESSING
+                and entry[4] == now
+                and entry[3] == event.stimulus_id
+            ) or self._moved(event, MEMORY, now):
+                self.results.append((event.key, event.worker, msg.get("thread"), startstops, False))
+                self.index += 1
+            return NO_EFFECTS
         if not isinstance(event, ev.TaskErred):
             return NO_EFFECTS
         ts = self.state.tasks.get(event.key)
@@ -151,13 +150,35 @@ class PrefixProgress(Extension):
                 "traceback": event.traceback_text or "",
             }
         )
+        msg = event.msg
+        if self.active and msg is not None:
+            startstops = msg.get("startstops")
+            if startstops and self._moved(event, ERRED, now):
+                self.results.append((event.key, event.worker, msg.get("thread"), startstops, True))
+                self.index += 1
         return NO_EFFECTS
+
+    def _moved(self, event: ev.TaskFinished | ev.TaskErred, finish: str, now: float) -> bool:
+        """Did the event just applied move its task from processing to ``finish``? (A stale
+        or duplicate result moves nothing, and Dask's task stream records nothing for it.)
+        Its moves are the newest entries of the transition log with its ``now``."""
+        key, stimulus_id = event.key, event.stimulus_id
+        log = self.state.transition_log
+        for entry in reversed(log):
+            if entry[4] != now:
+                return False
+            if entry[0] == key and entry[1] == PROCESSING and entry[2] == finish:
+                return not stimulus_id or entry[3] == stimulus_id
+        # The event moved more tasks than the log holds (the result that releases all
+        # 25,000 inputs of a merge): its own move is gone, its outcome is not.
+        ts = self.state.tasks.get(key)
+        return len(log) == log.maxlen and ts is not None and ts.state == finish
 
     def progress(self) -> list[dict[str, Any]]:
         """Dask's progress rows: prefixes with a task not forgotten, the most tasks first."""
         rows: list[tuple[int, str, dict[str, int]]] = []
         for prefix, counts in self.counts.items():
-            row = {DASK_STATE_NAMES.get(s, s): max(n, 0) for s, n in counts.items()}
+            row = {DASK_STATE_NAMES.get(s, s): n for s, n in counts.items()}
             alive = sum(row[s] for s in PROGRESS_STATES)
             if alive:
                 rows.append((alive, prefix, row))
@@ -222,7 +243,7 @@ def worker_row(ws: Any, metrics: Mapping[str, Any], last_seen: float | None) -> 
 def build_snapshot(
     state: SchedulerState,
     heartbeats: Mapping[str, tuple[Mapping[str, Any], float]],
-    progress: PrefixProgress,
+    progress: DashboardObserver,
     samples: SchedulerSamples,
     now: float,
     *,
@@ -286,33 +307,32 @@ class SnapshotCache:
         return self._encoded
 
 
-def bars_of(record: Mapping[str, Any]) -> Iterable[tuple[str, Any, str, str, float, float, str]]:
-    """The bars of one task stream record: one per ``startstops`` entry, as
+def bars_of(result: Result) -> Iterable[tuple[str, Any, str, str, float, float, str]]:
+    """The bars of one result: one per ``startstops`` entry, as
     ``(worker, thread, prefix, action, start, stop, key)`` (transfers have the action
     ``transfer``, Dask colours them red; a failed computation ``error``)."""
-    worker = str(record.get("worker", ""))
-    thread = record.get("thread")
-    key = record.get("key")
+    key, worker, thread, startstops, erred = result
     prefix = key_split(key)
-    erred = record.get("status") == "error"
-    for startstop in record.get("startstops") or ():
+    for startstop in startstops:
         action = str(startstop.get("action", "compute"))
         start, stop = startstop.get("start"), startstop.get("stop")
         if type(start) not in (int, float) or type(stop) not in (int, float):
             continue
         if erred and action == "compute":
             action = "error"
-        yield worker, thread, prefix, action, start, stop, str(key)
+        yield str(worker), thread, prefix, action, start, stop, str(key)
 
 
 class TaskStreamFeed:
-    """The task stream's records as encoded bars behind a cursor (see the module doc)."""
+    """The observer's results as encoded bars behind a cursor (see the module doc)."""
 
-    def __init__(self, max_bars: int = MAX_BARS) -> None:
+    def __init__(self, max_bars: int = MAX_BARS, interval: float = SNAPSHOT_INTERVAL) -> None:
         self.max_bars = max_bars
-        self.cursor = 0  # task stream records seen (TaskStream.index when last updated)
+        self.interval = interval
+        self.updated_at: float | None = None
+        self.cursor = 0  # results seen (DashboardObserver.index when last updated)
         self.bars: deque[str] = deque(maxlen=max_bars)
-        self.bar_cursors: deque[int] = deque(maxlen=max_bars)  # the record index of each bar
+        self.bar_cursors: deque[int] = deque(maxlen=max_bars)  # the result index of each bar
         # Workers, prefixes and actions repeat: their JSON strings are made once.
         self._strings: dict[str, str] = {}
 
@@ -324,24 +344,32 @@ class TaskStreamFeed:
             encoded = self._strings[text] = json.dumps(text)
         return encoded
 
-    def update(self, stream: TaskStream) -> None:
-        new = stream.index - self.cursor
+    def refresh(self, observer: DashboardObserver, now: float) -> None:
+        """``update`` at most once per ``interval``: however many viewers poll, at most
+        ``max_bars`` bars an interval are encoded."""
+        if self.updated_at is None or not 0 <= now - self.updated_at < self.interval:
+            self.updated_at = now
+            self.update(observer)
+
+    def update(self, observer: DashboardObserver) -> None:
+        new = observer.index - self.cursor
         if new <= 0:
             return
-        # The newest records only (a record has one bar or more): O(max_bars), however
-        # many tasks finished since the last update.
-        records = list(islice(reversed(stream.buffer), min(new, len(stream.buffer), self.max_bars)))
-        first = stream.index - len(records)
+        # The newest results only (one has a bar or more): O(max_bars), however many tasks
+        # finished since the last update.
+        kept = observer.results
+        results = list(islice(reversed(kept), min(new, len(kept), self.max_bars)))
+        first = observer.index - len(results)
         string = self._string
-        for offset, record in enumerate(reversed(records)):
-            for worker, thread, prefix, action, start, stop, key in bars_of(record):
+        for offset, result in enumerate(reversed(results)):
+            for worker, thread, prefix, action, start, stop, key in bars_of(result):
                 thread_json = str(thread) if type(thread) is int else json.dumps(str(thread))
                 self.bars.append(
                     f"[{string(worker)},{thread_json},{string(prefix)},{string(action)},"
                     f"{start:.4f},{stop:.4f},{json.dumps(key)}]"
                 )
                 self.bar_cursors.append(first + offset + 1)
-        self.cursor = stream.index
+        self.cursor = observer.index
 
     def since(self, cursor: int | None, limit: int | None = None) -> bytes:
         """``{"cursor": c, "bars": [...], "dropped": n}``: the bars of the records after

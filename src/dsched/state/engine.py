@@ -13,7 +13,10 @@ everything that changes a task's state. The event handlers (``dsched.state.clien
 and one set lookup; ``InvalidTransition`` for an edge the automaton lacks), appends
 ``(key, start, finish, stimulus_id, now)`` to ``transition_log`` (a bounded deque: the
 per-key story, see ``story``), and, when ``observe_transitions`` is set, appends
-``(key, start, finish, stimulus_id)`` to ``out.transitions`` for the extensions.
+``(key, start, finish, stimulus_id)`` to ``out.transitions`` for the extensions. While
+``count_prefixes`` is on, it also keeps ``prefix_counts`` (``{prefix: {state: tasks}}``,
+Dask's ``TaskPrefix.state_counts``, for the dashboard) up to date: two dict updates per
+move instead of a reported move per task for an extension to count in Python.
 
 *Recommendations.* Handlers do not pick edges themselves: they record recommendations
 ``{task: target}`` and ``_run`` carries them out until none are left. A recommendation is
@@ -64,6 +67,7 @@ from dsched.state.edges import (
     READY,
     RELEASED,
     RUNNABLE,
+    STATES,
     WAITING,
 )
 from dsched.state.errors import InvalidTransition, InvariantError
@@ -153,6 +157,8 @@ class Engine:
         self.transition_log: deque[StoryEntry] = deque(maxlen=transition_log_length)
         self._log_move = self.transition_log.append  # (one attribute lookup per move)
         self.observe_transitions = observe_transitions
+        # {prefix: {state: tasks}} while ``count_prefixes`` is on, else None (no cost).
+        self.prefix_counts: dict[str, dict[str, int]] | None = None
         self._transitions: dict[tuple[str, str], TransitionCode] = {
             (RELEASED, WAITING): self._released_waiting,
             (WAITING, READY): self._waiting_ready,
@@ -185,6 +191,20 @@ class Engine:
     def task_by_id(self, task_id: int) -> TaskState | None:
         return self._tasks_by_id.get(task_id)
 
+    def count_prefixes(self, on: bool) -> None:
+        """Keep ``prefix_counts`` up to date from now on, starting from one pass over the
+        tasks (forgotten tasks: those forgotten since), or stop keeping it (None)."""
+        if not on:
+            self.prefix_counts = None
+            return
+        counts: dict[str, dict[str, int]] = {}
+        for ts in self.tasks.values():
+            row = counts.get(ts.prefix)
+            if row is None:
+                row = counts[ts.prefix] = dict.fromkeys(STATES, 0)
+            row[ts.state] += 1
+        self.prefix_counts = counts
+
     # ------------------------------------------------------------------ moves
     def _move(self, ts: TaskState, finish: str, out: Outbox) -> None:
         """The only writer of ``ts.state``: check the edge, record it, report it if asked."""
@@ -195,6 +215,11 @@ class Engine:
         self._log_move((ts.key, start, finish, self._stimulus_id, self._now))
         if self.observe_transitions:
             out.transitions.append((ts.key, start, finish, self._stimulus_id))
+        counts = self.prefix_counts
+        if counts is not None:
+            row = counts[ts.prefix]  # made with the task (``_new_task``) or by the recount
+            row[start] -= 1
+            row[finish] += 1
 
     def story(self, *keys: Key) -> list[StoryEntry]:
         """The recorded moves of these keys, oldest first: ``(key, start, finish,
@@ -619,6 +644,12 @@ class Engine:
         self._next_task_id += 1
         self.tasks[key] = ts
         self._tasks_by_id[ts.id] = ts
+        counts = self.prefix_counts
+        if counts is not None:
+            row = counts.get(ts.prefix)
+            if row is None:
+                row = counts[ts.prefix] = dict.fromkeys(STATES, 0)
+            row[RELEASED] += 1
         return ts
 
     # ------------------------------------------------------------------ telling clients

@@ -52,6 +52,22 @@ class Validation(Engine):
         self._validate_workers()
         self._validate_steals()
         self._validate_clients()
+        self._validate_prefix_counts()
+
+    def _validate_prefix_counts(self) -> None:
+        """While kept, ``prefix_counts`` agrees with a recount of the known tasks."""
+        counts = self.prefix_counts
+        if counts is None:
+            return
+        recount: dict[tuple[str, str], int] = {}
+        for ts in self.tasks.values():
+            recount[ts.prefix, ts.state] = recount.get((ts.prefix, ts.state), 0) + 1
+        for prefix, row in counts.items():
+            for state, n in row.items():
+                if state != FORGOTTEN and recount.pop((prefix, state), 0) != n:
+                    raise InvariantError(f"prefix counts match the tasks: {prefix!r} {state}")
+        if recount:
+            raise InvariantError(f"every known task's prefix is counted: {next(iter(recount))}")
 
     def _validate_task(self, key: Key, ts: TaskState) -> None:
         if ts.key != key:
