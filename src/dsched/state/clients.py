@@ -33,6 +33,10 @@ from dsched.state.outbox import Outbox
 from dsched.state.records import ClientState, Key, TaskState, unwant
 from dsched.state.slicing import GraphInProgress, intake_holder
 
+# Up to this many inputs a task keeps them in a tuple (48 + 8 bytes an input, against 216
+# for a set); past it in a frozenset, for membership tests (a P2P barrier's thousands).
+SMALL_DEPENDENCIES = 8
+
 
 class ClientEvents(Engine):
     def _client_connected(self, event: ev.ClientConnected, out: Outbox) -> None:
@@ -99,10 +103,17 @@ class ClientEvents(Engine):
                 self._apply_restrictions(ts, annotations)
         for spec in new_specs:
             ts = tasks[spec.key]
-            for dep in spec.dependencies:
-                dts = tasks[dep]
-                ts.dependencies.add(dts)
-                dts.dependents.add(ts)
+            keys = spec.dependencies
+            if keys:
+                inputs = [tasks[dep] for dep in (dict.fromkeys(keys) if len(keys) > 1 else keys)]
+                ts.dependencies = (
+                    tuple(inputs) if len(inputs) <= SMALL_DEPENDENCIES else frozenset(inputs)
+                )
+                for dts in inputs:
+                    dependents = dts.dependents
+                    if not isinstance(dependents, set):
+                        dependents = dts.dependents = set()
+                    dependents.add(ts)
             out.policy.append(
                 policy.TaskAdded(
                     ts.id, ts.priority, tuple([dts.id for dts in ts.dependencies]), ts.prefix

@@ -301,7 +301,10 @@ class Engine:
         # A set of its own only if it waits for something (root tasks never do).
         waiting = ts.waiting_on if isinstance(ts.waiting_on, set) else set()
         for dts in ts.dependencies:
-            dts.waiters.add(ts)
+            waiters = dts.waiters
+            if not isinstance(waiters, set):
+                waiters = dts.waiters = set()
+            waiters.add(ts)
             if dts.state != MEMORY:
                 waiting.add(dts)
                 if dts.state == RELEASED and recs.get(dts) != ERRED:
@@ -445,7 +448,7 @@ class Engine:
             dts.dependents.discard(ts)
             dts.waiters.discard(ts)
             self._release_if_unneeded(dts, recs)
-        ts.dependencies.clear()
+        ts.dependencies = NOTHING
         ts.waiting_on = NOTHING
         self._move(ts, FORGOTTEN, out)
         if self.unqueueable:

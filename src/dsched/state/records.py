@@ -101,10 +101,12 @@ class TaskState:
         self.run_spec = run_spec  # None for data placed by scatter: cannot be recomputed
         self.annotations = annotations
         self.state = RELEASED
-        self.dependencies: set[TaskState] = set()
-        self.dependents: set[TaskState] = set()
+        # Fixed when the task is created: a tuple (a frozenset past a few inputs, where
+        # membership is tested), NOTHING for a root task.
+        self.dependencies: tuple[TaskState, ...] | frozenset[TaskState] = NOTHING
+        self.dependents: set[TaskState] | Nothing = NOTHING
         self.waiting_on: set[TaskState] | Nothing = NOTHING
-        self.waiters: set[TaskState] = set()
+        self.waiters: set[TaskState] | Nothing = NOTHING
         # Most tasks are wanted by no client and never err anywhere: those share one empty
         # frozenset instead of two empty sets (432 bytes a task); see _want/_unwant.
         self.who_wants: set[ClientState] | frozenset[ClientState] = NOBODY
