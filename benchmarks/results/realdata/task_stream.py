@@ -26,6 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from dask.utils import key_split
 from distributed import Client, get_task_stream
 
 from dsched.bench.workloads import get_workload, inc
@@ -37,6 +38,8 @@ def summarize(records: list[dict[str, Any]], makespan: float) -> dict[str, Any]:
     transfer: dict[str, float] = defaultdict(float)
     tasks: dict[str, int] = defaultdict(int)
     transfers = 0
+    # Transfers by the prefix of the task that waited for them: which stage moves data.
+    by_prefix: dict[str, int] = defaultdict(int)
     start = min(s["start"] for r in records for s in r["startstops"])
     stop = max(s["stop"] for r in records for s in r["startstops"])
     for record in records:
@@ -49,6 +52,7 @@ def summarize(records: list[dict[str, Any]], makespan: float) -> dict[str, Any]:
             elif part["action"] == "transfer":
                 transfer[worker] += length
                 transfers += 1
+                by_prefix[key_split(record["key"])] += 1
     span = stop - start
     workers = sorted(tasks)
     return {
@@ -59,6 +63,7 @@ def summarize(records: list[dict[str, Any]], makespan: float) -> dict[str, Any]:
         "transfer_s": {w: round(transfer[w], 3) for w in workers},
         "transfers": transfers,
         "idle_s": {w: round(span - compute[w] - transfer[w], 3) for w in workers},
+        "transfers_by_prefix": dict(sorted(by_prefix.items(), key=lambda kv: -kv[1])),
     }
 
 

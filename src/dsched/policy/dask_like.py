@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-Three ideas from ``distributed.scheduler`` (protocol.md §6.5), each O(1) amortised per task:
+Three ideas from ``distributed.scheduler`` (protocol.md §6.5) and one restraint, each O(1)
+amortised per task:
 
 * **Learned durations.** Every ``TaskDone`` with a measured duration updates the estimate of
   its task prefix (``key_split`` of the key) as Dask does: the first measurement, then the
@@ -15,9 +16,20 @@ Three ideas from ``distributed.scheduler`` (protocol.md §6.5), each O(1) amorti
   Dask's objective leaves out: without it, tiny inputs look free to move, and a reduction of
   short tasks followed the least occupied worker instead of its inputs (tree-12 on 2 real
   workers: 20% faster with it). Candidates are the holders of its inputs plus the least
-  occupied worker (a lazy heap), the latter only when the inputs are small enough that the
-  round trip, not their bytes, is the cost of moving them (bigger ones stay with their
-  holders, as in Dask's ``decide_worker``), or every allowed worker for a restricted task.
+  occupied worker (a lazy heap), the latter only when it has a free thread and the inputs
+  are small enough that the round trip, not their bytes, is the cost of moving them;
+  otherwise the holders alone, as in Dask's ``decide_worker``. Every allowed worker is a
+  candidate for a restricted task.
+* **Load does not move data between busy workers.** A busy worker holding none of the
+  inputs is never a candidate, however its occupancy compares: the gain is a guess about
+  two queues that will have changed by the time the task runs (estimated at
+  ``unknown-task-duration``, 0.5 s, while a prefix is unmeasured), the cost a real transfer,
+  which the objective's ``2 ms + bytes / bandwidth`` underestimates for small inputs. Offered,
+  set_index with the tasks shuffle made 3x Dask's transfers (165-262 against 45-74; 39-88
+  without), 60-80 KB each, taking 6-25 ms (median, on a loaded 2-core machine) to feed tasks
+  of 0.2-0.3 ms. Leaving out the unmeasured estimates alone did not help (126-262): by then
+  most prefixes were measured. An idle thread is a fact, not a guess: a worker with one
+  takes the task at once (``balance()`` would steal it there anyway, a round trip later).
 * **Root-task queuing.** A root-ish task (no restrictions, and no inputs or a large prefix fed
   by fewer than 5 tasks, as Dask decides) waits in a priority queue here and is handed out
   only while a worker holds fewer tasks than its *slots*::
@@ -211,21 +223,25 @@ class DaskPolicy(BasePolicy):
         return decisions
 
     def shortlist(self, event: TaskReady) -> tuple[list[WorkerInfo], dict[int, int], int]:
-        """The holders of the task's inputs, plus the least loaded worker only when moving
-        the inputs costs no more than the fetch round trip itself (``TRANSFER_LATENCY`` at
-        the bandwidth: 200 KB at 100 MB/s) or no running worker holds any. Bigger inputs
-        stay put, as in Dask's ``decide_worker`` (holders only); ``balance()`` moves work to
-        idle workers afterwards. Offering the least loaded worker for big inputs moved them
-        to balance estimates: the reductions of a persisted 4000x4000 array, placed in one
-        batch at ``unknown-task-duration`` (0.5 s) each, sent 2 MB blocks to the other
-        worker to even out 0.5 s guesses of tasks that take milliseconds."""
+        """The holders of the task's inputs, plus the least loaded worker only when it has a
+        free thread and moving the inputs costs no more than the fetch round trip itself
+        (``TRANSFER_LATENCY`` at the bandwidth: 200 KB at 100 MB/s); with no running holder,
+        ``BasePolicy.shortlist`` (the least loaded). Bigger inputs stay put, as in Dask's
+        ``decide_worker`` (holders only); ``balance()`` moves work to idle workers
+        afterwards. Offering the least loaded worker for big inputs moved them to balance
+        estimates: the reductions of a persisted 4000x4000 array, placed in one batch at
+        ``unknown-task-duration`` (0.5 s) each, sent 2 MB blocks to the other worker to even
+        out 0.5 s guesses of tasks that take milliseconds. Offering it busy moved small
+        inputs between busy workers (the module docstring)."""
         if event.inputs and self.candidates(event) is None:
             local, total = self.local_bytes(event, None)
             if local:
                 chosen = {w: self.running[w] for w in local}
                 if total <= self.bandwidth * TRANSFER_LATENCY:
                     least = self.least_loaded()
-                    if least is not None:
+                    # The least loaded worker may be busy while another has a free thread
+                    # (fewer threads, or longer tasks): balance() serves that one.
+                    if least is not None and len(least.assigned) + least.incoming < least.nthreads:
                         chosen[least.id] = least
                 return list(chosen.values()), local, total
         return super().shortlist(event)
