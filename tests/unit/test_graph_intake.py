@@ -388,6 +388,33 @@ def test_order_is_dask_order_of_the_culled_graph_when_client_sends_none() -> Non
     assert sorted(result.order.values()) == list(range(len(dsk)))
 
 
+def _random_graph(seed: int, n: int) -> dict[Any, GraphNode]:
+    """Tasks over random earlier keys, data nodes among them, and inputs from outside the
+    graph (futures' keys): the cases dask.order treats apart."""
+    rng = np.random.default_rng(seed)
+    dsk: dict[Any, GraphNode] = {}
+    for i in range(n):
+        key = f"k-{i}"
+        if i and rng.random() < 0.2:
+            dsk[key] = DataNode(key, i)
+            continue
+        inputs = [f"k-{j}" for j in rng.choice(i, size=min(i, rng.integers(0, 4)), replace=False)]
+        if rng.random() < 0.1:
+            inputs.append(f"outside-{i}")
+        dsk[key] = Task(key, add, *(TaskRef(k) for k in inputs))
+    return dsk
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_skeleton_is_ordered_exactly_as_the_graph(seed: int) -> None:
+    dsk = _random_graph(seed, 300)
+    expected = dask.order.order(dict(dsk))
+    skeleton: dict[Any, GraphNode] = {}
+    specs = intake_module._build_task_specs(dict(dsk), {}, {}, skeleton)
+    assert list(skeleton) == list(dsk) == list(specs)
+    assert dask.order.order(skeleton) == expected
+
+
 def test_order_is_clients_internal_priority_when_given() -> None:
     msg = map_message(inc, range(4))
     msg["internal_priority"] = {k: 10 - i for i, k in enumerate(msg["internal_priority"])}

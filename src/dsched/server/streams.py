@@ -308,7 +308,7 @@ def _take_in(
     intake's own task dict and priorities only for the tracer (they would double the
     specs' lifetime otherwise)."""
     with freezer.intake():
-        intake = intake_update_graph(msg)
+        intake = intake_update_graph(msg, freezer.order)
         fifo_timeout = msg.get("fifo_timeout", 0)
         whole = ev.GraphReceived(
             client,
