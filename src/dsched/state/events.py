@@ -1,6 +1,7 @@
 """Stimuli: everything that can happen to the scheduler's task state.
 
-Each event is a frozen, slotted record built by the reactor from one peer message (or from a
+Each event is a slotted record, never changed once made (``frozen=True`` but for the two made
+per task: see ``dsched.policy.protocol``), built by the reactor from one peer message (or from a
 policy decision) and handed to ``SchedulerState.handle(event, now)``. Events carry Dask keys
 and addresses as they came off the wire; payloads (run_specs, exceptions, result types) are
 opaque objects the state machine stores and forwards but never looks into.
@@ -38,7 +39,8 @@ class TaskSpecLike(Protocol):
     def annotations(self) -> Mapping[str, Any]: ...
 
 
-@dataclass(frozen=True, slots=True)
+# Per task, so not frozen= (see dsched.policy.protocol); never changed once made.
+@dataclass(slots=True, unsafe_hash=True)
 class NewTask:
     """One task of a received graph, after intake (materialized, culled, run_spec pickled)."""
 
@@ -166,7 +168,8 @@ class WorkerStatusChanged:
     stimulus_id: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+# Per task, so not frozen= (see dsched.policy.protocol); never changed once made.
+@dataclass(slots=True, unsafe_hash=True)
 class TaskFinished:
     worker: str
     key: Key
