@@ -30,7 +30,7 @@ from dsched.state.edges import ERRED, FORGOTTEN, MEMORY, RELEASED, WAITING
 from dsched.state.engine import FIRE_AND_FORGET, Engine, Recommendations
 from dsched.state.messages import CancelledKeys
 from dsched.state.outbox import Outbox
-from dsched.state.records import ClientState, Key, TaskState, unwant
+from dsched.state.records import ClientState, Key, TaskState, group_add, unwant
 from dsched.state.slicing import GraphInProgress, intake_holder
 
 # Up to this many inputs a task keeps them in a tuple (48 + 8 bytes an input, against 216
@@ -110,10 +110,7 @@ class ClientEvents(Engine):
                     tuple(inputs) if len(inputs) <= SMALL_DEPENDENCIES else frozenset(inputs)
                 )
                 for dts in inputs:
-                    dependents = dts.dependents
-                    if not isinstance(dependents, set):
-                        dependents = dts.dependents = set()
-                    dependents.add(ts)
+                    dts.dependents = group_add(dts.dependents, ts)
             out.policy.append(
                 policy.TaskAdded(
                     ts.id, ts.priority, tuple([dts.id for dts in ts.dependencies]), ts.prefix

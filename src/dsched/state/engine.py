@@ -81,6 +81,8 @@ from dsched.state.records import (
     Key,
     TaskState,
     WorkerState,
+    group_add,
+    group_discard,
     unwant,
 )
 from dsched.state.slicing import GraphInProgress
@@ -282,7 +284,7 @@ class Engine:
     def _detach_from_inputs(self, ts: TaskState, recs: Recommendations) -> None:
         for dts in ts.dependencies:
             if ts in dts.waiters:
-                dts.waiters.discard(ts)
+                dts.waiters = group_discard(dts.waiters, ts)
                 self._release_if_unneeded(dts, recs)
         ts.waiting_on = NOTHING
 
@@ -301,10 +303,7 @@ class Engine:
         # A set of its own only if it waits for something (root tasks never do).
         waiting = ts.waiting_on if isinstance(ts.waiting_on, set) else set()
         for dts in ts.dependencies:
-            waiters = dts.waiters
-            if not isinstance(waiters, set):
-                waiters = dts.waiters = set()
-            waiters.add(ts)
+            dts.waiters = group_add(dts.waiters, ts)
             if dts.state != MEMORY:
                 waiting.add(dts)
                 if dts.state == RELEASED and recs.get(dts) != ERRED:
@@ -445,8 +444,8 @@ class Engine:
     def _forget(self, ts: TaskState, recs: Recommendations, out: Outbox) -> None:
         out.policy.append(policy.TaskForgotten(ts.id))
         for dts in ts.dependencies:
-            dts.dependents.discard(ts)
-            dts.waiters.discard(ts)
+            dts.dependents = group_discard(dts.dependents, ts)
+            dts.waiters = group_discard(dts.waiters, ts)
             self._release_if_unneeded(dts, recs)
         ts.dependencies = NOTHING
         ts.waiting_on = NOTHING

@@ -87,7 +87,7 @@ class Validation(Engine):
             if ts not in dts.dependencies:
                 raise InvariantError(f"dependents are mirrored: {ts!r} not among {dts!r}'s")
         expected_waiters = {d for d in ts.dependents if d.state in ACTIVE}
-        if ts.waiters != expected_waiters:
+        if set(ts.waiters) != expected_waiters or len(ts.waiters) != len(expected_waiters):
             raise InvariantError(
                 f"waiters are the active dependents: {ts!r} has {ts.waiters}, "
                 f"expected {expected_waiters}"

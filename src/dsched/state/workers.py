@@ -25,7 +25,7 @@ from dsched.state import events as ev
 from dsched.state.edges import ERRED, MEMORY, PROCESSING, READY, RELEASED, WAITING
 from dsched.state.engine import Engine, Recommendations
 from dsched.state.outbox import Outbox
-from dsched.state.records import NOTHING, TaskState, WorkerState
+from dsched.state.records import NOTHING, TaskState, WorkerState, group_discard
 
 
 class WorkerEvents(Engine):
@@ -159,7 +159,7 @@ class WorkerEvents(Engine):
                     dts.waiting_on = NOTHING  # (frees the set: 216 bytes)
                     recs[dts] = READY
         for dts in ts.dependencies:
-            dts.waiters.discard(ts)
+            dts.waiters = group_discard(dts.waiters, ts)
             if not (dts.who_wants or dts.waiters):
                 self._release_if_unneeded(dts, recs)
         if not (ts.who_wants or ts.waiters):
