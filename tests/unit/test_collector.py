@@ -49,6 +49,20 @@ def test_cyclic_garbage_a_freeze_kept_is_collected_once_no_task_is_left() -> Non
     assert not freezer.frozen_since_cleanup
 
 
+def test_no_cleanup_while_a_graph_is_coming_in() -> None:
+    freezer = GraphFreezer()
+    cycle = _Cycle()
+    alive = weakref.ref(cycle)
+    with freezer.graph_coming():
+        freezer.freeze()  # as when a big graph's ordering starts: no task in the state yet
+        del cycle
+        freezer.when_idle(tasks=0)
+        assert alive() is not None  # the heap holds the graph: no full collection now
+        assert freezer.frozen_since_cleanup
+    freezer.when_idle(tasks=0)
+    assert alive() is None
+
+
 def _chain(n: int) -> dict[Any, GraphNode]:
     nodes: dict[Any, GraphNode] = {"t-0": Task("t-0", int)}
     for i in range(1, n):

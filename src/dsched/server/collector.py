@@ -20,8 +20,10 @@ machine forgets (it breaks its own cycles). Only cyclic garbage among the object
 a freeze (an exception's traceback being handled at that moment, say) escapes the
 collector; so once the scheduler holds no task at all, ``when_idle`` unfreezes, collects
 everything (the heap is small then: a few tenths of a second, once per big graph) and
-freezes again what is left, as start-up does. Small graphs change nothing but the pause of
-their intake's young collections.
+freezes again what is left, as start-up does; never while a graph is coming in
+(``graph_coming``: between its arrival and its last part the state may hold no task, but
+the heap holds the graph, and a full collection then would walk all of it). Small graphs
+change nothing but the pause of their intake's young collections.
 
 ``dask.order`` needs the collector itself: its working structures (about 1 KB a task)
 hang off closures that refer to themselves, so reference counting never frees them. Left
@@ -60,6 +62,18 @@ COLLECT_AFTER_ORDER_MAX = 250_000
 class GraphFreezer:
     def __init__(self) -> None:
         self.frozen_since_cleanup = False
+        # Graphs between their arrival and their last part taken in: the state machine
+        # may hold no task yet, but the heap is full of them.
+        self.graphs_coming = 0
+
+    @contextlib.contextmanager
+    def graph_coming(self) -> Iterator[None]:
+        """Around a graph's whole reception (in the loop): no idle cleanup meanwhile."""
+        self.graphs_coming += 1
+        try:
+            yield
+        finally:
+            self.graphs_coming -= 1
 
     @contextlib.contextmanager
     def intake(self) -> Iterator[None]:
@@ -92,7 +106,7 @@ class GraphFreezer:
 
     def when_idle(self, tasks: int) -> None:
         """Collect what the freezes kept from the collector, once no task is left."""
-        if self.frozen_since_cleanup and tasks == 0:
+        if self.frozen_since_cleanup and tasks == 0 and not self.graphs_coming:
             self.frozen_since_cleanup = False
             gc.unfreeze()
             gc.collect()

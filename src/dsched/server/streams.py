@@ -189,6 +189,10 @@ class Streams:
                 logger.info("client %s disconnected", client)
 
     async def update_graph(self, client: str, msg: dict[str, Any]) -> None:
+        with self.freezer.graph_coming():
+            await self._update_graph(client, msg)
+
+    async def _update_graph(self, client: str, msg: dict[str, Any]) -> None:
         keys = list(msg.get("keys") or ())
         arrived = time.time()
         restarts_before = self.lifecycle.restarts
