@@ -26,7 +26,8 @@ The real scheduler (``Scheduler.update_graph`` / ``_materialize_graph``) turns t
 4. **Order**: the client's ``internal_priority`` (submit/map send one) or
    ``dask.order.order`` of the graph's *skeleton* (``_Skeleton``: keys, dependencies and
    which nodes are tasks, all that dask.order reads), so that the graph and dask.order's
-   own structures are not held at once.
+   own structures are not held at once; a graph of more than ``SKELETON_ORDER_MAX`` tasks
+   is ordered before step 3, as itself (see there why).
 
 Pickling dominates for many small tasks: ``distributed.protocol.pickle.dumps`` falls
 back to cloudpickle for a whole Task as soon as its function lives in ``__main__``, and
@@ -123,6 +124,14 @@ class GraphIntakeError(Exception):
 
 Orderer = Callable[[dict[Key, GraphNode]], Mapping[Key, int]]
 
+# Up to this many tasks the graph's skeleton is ordered after pickling (step 4); a bigger
+# graph is ordered first, as itself. Measured at 1M tasks, ordering the skeleton stalled
+# the event loop for 1.3-1.6 s (the loop thread waiting, 0.015 s of its own CPU, while
+# dask.order's reverse_dict ran on the intake thread; in-process, 3 runs), where ordering
+# the graph first gave at most 0.35-0.75 s: not understood yet. (dsched.server.collector
+# frees dask.order's garbage at once only up to the same size.)
+SKELETON_ORDER_MAX = 250_000
+
 
 def intake_update_graph(
     msg: Mapping[str, Any], order_graph: Orderer = dask.order.order
@@ -140,6 +149,8 @@ def intake_update_graph(
         del expression
         shuffle_specs = _shuffle_specs(dsk)
         order = msg.get("internal_priority")
+        if not order and len(dsk) > SKELETON_ORDER_MAX:
+            order = order_graph(dsk)
         if order:
             tasks = _build_task_specs(dsk, global_annotations, annotations_by_type)
         else:
