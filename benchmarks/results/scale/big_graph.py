@@ -21,7 +21,8 @@ the longest and 99th-percentile probe latency, and the scheduler's peak RSS (VmH
 The scheduler also runs the ``loop_watch.py`` preload, which reports from inside the
 scheduler the longest stall of its loop and the most CPU its loop thread spent in one
 stall: on a loaded machine the wall figures include waiting for a core, the CPU figure
-does not.
+does not; the five longest stalls are kept with when they started (seconds after the
+graph was sent), to tell intake, parts, running and release apart.
 """
 
 from __future__ import annotations
@@ -84,12 +85,18 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def _loop_stalls(log: str) -> tuple[float, float]:
-    """The longest stall ``loop_watch`` saw (wall s) and the most CPU in one (s)."""
-    stalls = re.findall(r"LOOP-STALL wall=([\d.]+) cpu=([\d.]+)", log)
+def _loop_stalls(log: str, started: float) -> tuple[float, float, list[list[float]]]:
+    """The longest stall ``loop_watch`` saw (wall s), the most CPU in one (s), and the five
+    longest as [seconds since the graph was sent, wall, CPU]."""
+    stalls = [
+        (float(wall), float(cpu), float(at))
+        for wall, cpu, at in re.findall(r"LOOP-STALL wall=([\d.]+) cpu=([\d.]+) at=([\d.]+)", log)
+    ]
+    longest = sorted(stalls, reverse=True)[:5]
     return (
-        max((float(wall) for wall, _ in stalls), default=0.0),
-        max((float(cpu) for _, cpu in stalls), default=0.0),
+        max((wall for wall, _, _ in stalls), default=0.0),
+        max((cpu for _, cpu, _ in stalls), default=0.0),
+        [[round(at - wall - started, 2), wall, cpu] for wall, cpu, at in longest],
     )
 
 
@@ -111,13 +118,15 @@ def run_one(kind: str, size: int, timeout: float) -> dict[str, Any]:
             graph = da.ones((rows, 1000), chunks=(1, 1000)).sum()  # type: ignore[no-untyped-call]
             with LoopProbe(cluster.address) as probe:
                 start = time.perf_counter()
+                sent = time.time()
                 future = client.compute(graph)  # type: ignore[no-untyped-call]
                 future.result(timeout=timeout)
                 makespan = time.perf_counter() - start
         finally:
             client.close()  # type: ignore[no-untyped-call]
         rss = _peak_rss_mb(cluster.scheduler.popen.pid)
-        stall_wall, stall_cpu = _loop_stalls(cluster.scheduler.log_path.read_text())
+        log = cluster.scheduler.log_path.read_text()
+        stall_wall, stall_cpu, longest = _loop_stalls(log, sent)
     lat = sorted(probe.latencies)
     n_tasks = _count_tasks(graph)
     return {
@@ -132,6 +141,7 @@ def run_one(kind: str, size: int, timeout: float) -> dict[str, Any]:
         "peak_rss_mb": rss,
         "loop_stall_max_s": stall_wall,
         "loop_stall_max_cpu_s": stall_cpu,
+        "loop_stalls_longest": longest,
     }
 
 
