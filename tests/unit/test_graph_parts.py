@@ -124,6 +124,23 @@ def test_a_known_key_a_later_part_needs_is_held_from_the_first_part() -> None:
     assert in_memory(harness) == {"c"}
 
 
+def test_a_known_key_the_client_wants_again_is_held_from_the_first_part() -> None:
+    harness = new_harness()
+    harness.add_client("d")
+    harness.submit({"x": ()}, ["x"], client="d")
+    harness.run_until_idle()
+    graph = {"a": (), "b": ("a",)}
+    parts = graph_parts(graph_event(graph, ["b", "x"]), size=1)
+    assert sorted(parts[0].hold or ()) == ["a", "x"]
+    harness.step(parts[0])
+    harness.step(ev.ClientReleasesKeys("d", ["x"]))  # another client lets go meanwhile
+    assert harness.state.tasks["x"].state == "memory"
+    harness.step(parts[1])
+    harness.run_until_idle()
+    assert ("cancelled-keys", ["b", "x"]) not in harness.client_ops()
+    assert in_memory(harness) == {"b", "x"}
+
+
 def test_a_lost_dependency_cancels_the_graph_and_keeps_nothing() -> None:
     harness = new_harness()
     graph = {"a": (), "b": ("a",), "c": ("b", "gone")}

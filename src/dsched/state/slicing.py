@@ -79,6 +79,15 @@ def graph_parts(event: ev.GraphReceived, size: int = PART_SIZE) -> list[ev.Graph
             holds[0].append(key)
             if key not in wanted:
                 releases[last_user[key]].append(key)
+    # A wanted key outside the graph that no later part needs (a future the client already
+    # has, asked for again) is held from the first part too: let go of by another client
+    # meanwhile, it would be gone by the last part, which would cancel the whole graph.
+    held_first = set(holds[0])
+    holds[0].extend(
+        key
+        for key in dict.fromkeys(event.keys)
+        if key not in in_graph and key not in held_first and last_user.get(key, 0) == 0
+    )
     for i, spec in enumerate(specs):
         part = i // size
         last = last_user.get(spec.key, part)
