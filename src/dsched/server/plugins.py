@@ -125,10 +125,14 @@ class PluginHooks(Extension):
             self._graph_parts.pop(event.client, None)
             if not self._first_departure("client", event.client):
                 return NO_EFFECTS
-        elif isinstance(event, ev.GraphReceived) and (event.part or event.hold is not None):
-            if event.part == 0 or not self.plugins.with_hook(hook):
+        elif isinstance(event, ev.Restart):
+            self._graph_parts.clear()  # (a restart drops every graph in progress)
+        elif isinstance(event, ev.GraphReceived):
+            with_hook = self.plugins.with_hook(hook)
+            if event.part == 0 or not with_hook:
+                # (a first part, whole graphs too: an earlier graph's parts stopped coming)
                 self._graph_parts.pop(event.client, None)
-            if self.plugins.with_hook(hook):
+            if with_hook and (event.part or event.hold is not None):
                 self._graph_parts.setdefault(event.client, []).append(event)
             if event.hold is not None:
                 return NO_EFFECTS
