@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import dask.order
+import pytest
 from dask._task_spec import GraphNode, Task, TaskRef
 
 from dsched.server.collector import NEVER, GraphFreezer
 from dsched.state.slicing import PART_SIZE
+
+
+@pytest.fixture(autouse=True)
+def _collector_as_it_was() -> Iterator[None]:
+    """These tests freeze the heap and change thresholds: give the next test the
+    collector they found."""
+    thresholds = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
 
 
 def test_an_intake_collects_only_the_young_generation_and_restores_the_thresholds() -> None:

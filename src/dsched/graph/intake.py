@@ -129,7 +129,7 @@ Orderer = Callable[[dict[Key, GraphNode]], Mapping[Key, int]]
 # the event loop for 1.3-1.6 s (the loop thread waiting, 0.015 s of its own CPU, while
 # dask.order's reverse_dict ran on the intake thread; in-process, 3 runs), where ordering
 # the graph first gave at most 0.35-0.75 s: not understood yet. (dsched.server.collector
-# frees dask.order's garbage at once only up to the same size.)
+# frees dask.order's garbage at once up to this size, COLLECT_AFTER_ORDER_MAX.)
 SKELETON_ORDER_MAX = 250_000
 
 

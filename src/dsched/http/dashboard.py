@@ -183,7 +183,7 @@ class Dashboard:
             self.samples,
             now,
             address=scheduler.address,
-            cursor=self.feed.cursor,
+            cursor=self.observer.index,  # (results ever seen: the feed moves only when read)
         )
 
     def snapshot(self) -> bytes:

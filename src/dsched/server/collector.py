@@ -51,12 +51,15 @@ from typing import Any
 import dask.order
 from dask.typing import Key
 
+from dsched.graph.intake import SKELETON_ORDER_MAX
 from dsched.state.slicing import PART_SIZE
 
 # A threshold the middle and old generations never reach while a graph is materialized.
 NEVER = 1 << 30
-# The biggest graph whose ordering garbage is collected at once (a ~0.3 s pause).
-COLLECT_AFTER_ORDER_MAX = 250_000
+# The biggest graph whose ordering garbage is collected at once (a ~0.3 s pause): the
+# biggest that intake orders as a skeleton, after pickling (the freeze before ordering
+# would otherwise catch the whole graph).
+COLLECT_AFTER_ORDER_MAX = SKELETON_ORDER_MAX
 
 
 class GraphFreezer:
