@@ -417,3 +417,22 @@ def test_amm_and_replicate_leave_actors_alone() -> None:
     assert len(a.who_has) == 2
     assert ask(h, "replicate", keys=("a",), n=1) is None
     assert len(a.who_has) == 2
+
+
+def test_a_result_counts_by_the_transition_log_else_by_its_tasks_state() -> None:
+    # The test both task streams (this extension and the dashboard's) use.
+    h = Harness()
+    h.add_worker(W0)
+    h.add_client("c")
+    h.submit({"a": ()}, keys=["a"])
+    h.finish("a")
+    state, made_up = h.state, f"TaskFinished-{h.now}"  # the harness's results carry no id
+    assert state.finished_just_now("a", "memory", made_up, h.now)
+    assert not state.finished_just_now("a", "memory", "task-finished-other", h.now)  # stale
+    assert not state.finished_just_now("a", "memory", made_up, h.now + 1)  # a later event
+    # The event moved more tasks than the log holds: its own move is gone, its task's
+    # state tells.
+    log = state.transition_log
+    log.extend([("other", "waiting", "processing", made_up, h.now)] * (log.maxlen or 0))
+    assert state.finished_just_now("a", "memory", made_up, h.now)
+    assert not state.finished_just_now("a", "erred", made_up, h.now)

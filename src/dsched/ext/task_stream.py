@@ -23,8 +23,9 @@ message is the decoded event's ``msg`` (a reference, no copy on the hot path).
 Whether the event made the transition is read from the state machine's transition log:
 every move of one event carries its stimulus id and its ``now``, so the moves of the event
 are the newest entries with that ``now``; a result counts if they hold
-``(key, processing, memory)`` (or ``erred``). (An event that moved more tasks than the log
-holds, ``distributed.admin.low-level-log-length``, loses its record.)
+``(key, processing, memory)`` (or ``erred``); an event that moved more tasks than the log
+holds (``distributed.admin.low-level-log-length``) is judged by its task's state
+(``Engine.finished_just_now``, which the dashboard's task stream uses too).
 
 The buffer is a deque of ``max(distributed.scheduler.dashboard.status.task-stream-length,
 ...tasks.task-stream-length)`` records; ``index`` counts every record ever appended (the
@@ -44,7 +45,8 @@ from dask.utils import parse_timedelta
 
 from dsched.ext.protocol import NO_EFFECTS, Effect, Effects, Extension, Observe, Reply, Request
 from dsched.state import events as ev
-from dsched.state.edges import ERRED, MEMORY, PROCESSING
+from dsched.state.edges import ERRED, MEMORY
+from dsched.state.machine import stimulus_id_of
 
 TASK_STREAM_LENGTH = 100_000
 _NOT_RECORDED = frozenset({"op", "run_id", "key"})
@@ -86,8 +88,8 @@ class TaskStream(Extension):
         msg = event.msg
         if msg is None or not msg.get("startstops"):
             return NO_EFFECTS
-        stimulus_id = event.stimulus_id or f"{type(event).__name__}-{now}"
-        if not self._moved(event.key, finish, stimulus_id, now):
+        stimulus_id = stimulus_id_of(event, now)
+        if not self.state.finished_just_now(event.key, finish, stimulus_id, now):
             return NO_EFFECTS
         record: dict[str, Any] = {"stimulus_id": stimulus_id}
         if finish == ERRED:
@@ -100,20 +102,6 @@ class TaskStream(Extension):
         self.buffer.append(record)
         self.index += 1
         return NO_EFFECTS
-
-    def _moved(self, key: Any, finish: str, stimulus_id: str, now: float) -> bool:
-        """Did the event just applied move ``key`` from processing to ``finish``?"""
-        for entry in reversed(self.state.transition_log):
-            if entry[4] != now:
-                return False
-            if (
-                entry[1] == PROCESSING
-                and entry[2] == finish
-                and entry[3] == stimulus_id
-                and entry[0] == key
-            ):
-                return True
-        return False
 
     # ------------------------------------------------------------------ the ops
     def _activate(self) -> list[Effect]:

@@ -55,8 +55,8 @@ from dask.utils import key_split
 
 from dsched.ext.protocol import NO_EFFECTS, Effects, Extension
 from dsched.state import events as ev
-from dsched.state.edges import ERRED, MEMORY, PROCESSING, READY
-from dsched.state.machine import SchedulerState
+from dsched.state.edges import ERRED, MEMORY, READY
+from dsched.state.machine import SchedulerState, stimulus_id_of
 
 SNAPSHOT_INTERVAL = 1.0  # seconds: the snapshot is rebuilt at most this often
 MAX_EXCEPTIONS = 100  # Dask's erred_tasks deque length
@@ -65,7 +65,6 @@ HISTORY = 300  # scheduler CPU / loop-lag samples kept (one a second: five minut
 DASK_STATE_NAMES = {READY: "queued"}
 # The progress columns, in Dask's names and the order of a task's life.
 PROGRESS_STATES = ("released", "waiting", "queued", "no-worker", "processing", "memory", "erred")
-NO_ENTRY = (None, "", "", "", -1.0)  # no transition log entry
 # One task result as the observer keeps it: (key, worker, thread, startstops, erred).
 Result = tuple[Any, str, Any, Any, bool]
 
@@ -122,16 +121,7 @@ class DashboardObserver(Extension):
             startstops = msg.get("startstops")
             if not startstops:
                 return NO_EFFECTS
-            # Most results move nothing but their task: then the move is the newest entry.
-            log = self.state.transition_log
-            entry = log[-1] if log else NO_ENTRY  # (the log may be configured empty)
-            if (
-                entry[0] == event.key
-                and entry[2] == MEMORY
-                and entry[1] == PROCESSING
-                and entry[4] == now
-                and entry[3] == event.stimulus_id
-            ) or self._moved(event, MEMORY, now):
+            if self._finished(event, MEMORY, now):
                 self.results.append((event.key, event.worker, msg.get("thread"), startstops, False))
                 self.index += 1
             return NO_EFFECTS
@@ -153,26 +143,15 @@ class DashboardObserver(Extension):
         msg = event.msg
         if self.active and msg is not None:
             startstops = msg.get("startstops")
-            if startstops and self._moved(event, ERRED, now):
+            if startstops and self._finished(event, ERRED, now):
                 self.results.append((event.key, event.worker, msg.get("thread"), startstops, True))
                 self.index += 1
         return NO_EFFECTS
 
-    def _moved(self, event: ev.TaskFinished | ev.TaskErred, finish: str, now: float) -> bool:
-        """Did the event just applied move its task from processing to ``finish``? (A stale
-        or duplicate result moves nothing, and Dask's task stream records nothing for it.)
-        Its moves are the newest entries of the transition log with its ``now``."""
-        key, stimulus_id = event.key, event.stimulus_id
-        log = self.state.transition_log
-        for entry in reversed(log):
-            if entry[4] != now:
-                return False
-            if entry[0] == key and entry[1] == PROCESSING and entry[2] == finish:
-                return not stimulus_id or entry[3] == stimulus_id
-        # The event moved more tasks than the log holds (the result that releases all
-        # 25,000 inputs of a merge): its own move is gone, its outcome is not.
-        ts = self.state.tasks.get(key)
-        return len(log) == log.maxlen and ts is not None and ts.state == finish
+    def _finished(self, event: ev.TaskFinished | ev.TaskErred, finish: str, now: float) -> bool:
+        """Did the event just applied move its task from processing to ``finish``? (The
+        same test as the task-stream extension's.)"""
+        return self.state.finished_just_now(event.key, finish, stimulus_id_of(event, now), now)
 
     def progress(self) -> list[dict[str, Any]]:
         """Dask's progress rows: prefixes with a task not forgotten, the most tasks first."""

@@ -229,6 +229,27 @@ class Engine:
         wanted = set(keys)
         return [entry for entry in self.transition_log if entry[0] in wanted]
 
+    def finished_just_now(self, key: Key, finish: str, stimulus_id: str, now: float) -> bool:
+        """Did the event applied at ``now`` with ``stimulus_id`` (as in the log: the made-up
+        one when it had none) move ``key`` from processing to ``finish``? A stale or
+        duplicate result moves nothing, and Dask's task stream records nothing for it. The
+        event's moves are the newest entries of the log with its ``now``; when it moved more
+        tasks than the log holds (the result that releases all 25,000 inputs of a merge),
+        its own move is gone and the task's state tells."""
+        log = self.transition_log
+        for entry in reversed(log):
+            if entry[4] != now:
+                return False
+            if (
+                entry[0] == key
+                and entry[1] == PROCESSING
+                and entry[2] == finish
+                and entry[3] == stimulus_id
+            ):
+                return True
+        ts = self.tasks.get(key)
+        return len(log) == log.maxlen and ts is not None and ts.state == finish
+
     # ------------------------------------------------------------------ recommendations
     def _run(self, recs: Recommendations, out: Outbox) -> None:
         while recs:

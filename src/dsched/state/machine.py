@@ -137,6 +137,11 @@ __all__ = [
 ]
 
 
+def stimulus_id_of(event: ev.Event, now: float) -> str:
+    """The stimulus id of ``event``'s moves: its own, else one made up from its type."""
+    return getattr(event, "stimulus_id", "") or f"{type(event).__name__}-{now}"
+
+
 class SchedulerState(ClientEvents, WorkerEvents, PlacementEvents, ClusterEvents, Validation):
     # The constructor is Engine's (its parameters are documented there); this class adds the
     # event dispatch, built once per instance from the handler mixins' bound methods.
@@ -186,6 +191,6 @@ class SchedulerState(ClientEvents, WorkerEvents, PlacementEvents, ClusterEvents,
         else:
             out.reply = None
         self._now = now
-        self._stimulus_id = getattr(event, "stimulus_id", "") or f"{type(event).__name__}-{now}"
+        self._stimulus_id = stimulus_id_of(event, now)
         self._handlers[type(event)](event, out)
         return out
